@@ -1,0 +1,61 @@
+"""The ``imgcache`` command: ``serve`` runs the cache, ``demo`` shows it at work."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from imgcache.config import OPTIONS, load_settings
+from imgcache.errors import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imgcache", description="Caching sidecar for the OpenStack Glance image API.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser(
+        "serve", help="run the cache in front of Glance",
+        description="Options may also come from the INI file (--config or IMGCACHE_CONFIG) "
+                    "and IMGCACHE_* variables; flags win over the environment, which wins "
+                    "over the file.")
+    serve.add_argument("--config", type=Path, help="INI config file (see config/imgcache.conf)")
+    for option in OPTIONS:
+        serve.add_argument(f"--{option.flag}", dest=option.name, metavar=option.key.upper(),
+                           help=f"{option.help} [{option.ini_name}, {option.env}; "
+                                f"default {option.default}]")
+    demo = commands.add_parser(
+        "demo", help="boot-storm demo against a throwaway Glance stand-in")
+    demo.add_argument("--clients", type=int, default=16, help="concurrent clients (16)")
+    demo.add_argument("--image-size", default="64M", help="size of the demo image (64M)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from imgcache.demo import run_demo
+
+        return run_demo(clients=args.clients, image_size=args.image_size)
+    flags = {option.name: getattr(args, option.name) for option in OPTIONS}
+    try:
+        settings = load_settings(flags, args.config)
+    except ConfigError as exc:
+        print(f"imgcache: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from imgcache.app import run
+
+    try:
+        run(settings)
+    except OSError as exc:
+        print(f"imgcache: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

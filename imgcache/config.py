@@ -1,0 +1,226 @@
+"""Settings: one table of options, read from defaults, an INI file, IMGCACHE_* environment
+variables and command-line flags (flag > env > file > default), validated at start-up.
+
+Every option has one INI key (``[section] key``), one flag and one environment variable;
+a bad or unknown one stops start-up with a message that names it.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from imgcache.errors import ConfigError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(?:i?[bB])?\s*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_size(text: str) -> int:
+    """Parse ``500M``, ``100G``, ``1.5T`` or plain bytes; units are powers of 1024."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError("expected a size such as 1048576, 500M, 100G or 2T")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def parse_duration(text: str) -> float:
+    """Parse ``30s``, ``500ms``, ``5m``, ``1h`` or plain seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError("expected a duration such as 30, 30s, 500ms, 5m or 1h")
+    return float(match.group(1)) * _SECONDS[match.group(2)]
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """Parse ``HOST:PORT`` (``[::1]:PORT`` for IPv6) into a host and a port 0-65535."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:9293")
+    return host.strip("[]"), int(port)
+
+
+def parse_urls(text: str) -> tuple[str, ...]:
+    """Parse a comma-separated list of http(s) base URLs, dropping trailing slashes."""
+    urls = tuple(u.strip().rstrip("/") for u in text.split(",") if u.strip())
+    if not urls:
+        raise ValueError("expected at least one URL such as http://127.0.0.1:9292")
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url!r} is not an http:// or https:// URL")
+    return urls
+
+
+def parse_log_level(text: str) -> str:
+    """Accept a logging level name."""
+    level = text.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError("expected one of debug, info, warning, error, critical")
+    return level
+
+
+def _nonnegative(parse: Callable[[str], float]) -> Callable[[str], float]:
+    def checked(text: str) -> float:
+        value = parse(text)
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+
+    return checked
+
+
+def _positive(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def checked(text: str) -> Any:
+        value = parse(text)
+        if value <= 0:
+            raise ValueError("must be greater than zero")
+        return value
+
+    return checked
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: where it lives in the INI file, its flag, its parser and default."""
+
+    name: str  # the Settings field
+    section: str
+    key: str
+    flag: str
+    parse: Callable[[str], Any]
+    default: str
+    help: str
+
+    @property
+    def env(self) -> str:
+        """The environment variable: IMGCACHE_ plus the flag in upper case."""
+        return "IMGCACHE_" + self.flag.upper().replace("-", "_")
+
+    @property
+    def ini_name(self) -> str:
+        """How the option is named in messages: ``[section] key``."""
+        return f"[{self.section}] {self.key}"
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("listen", "server", "listen", "listen", parse_hostport, "127.0.0.1:9293",
+           "Address Nova's [glance] endpoint_override points at."),
+    Option("metrics_listen", "server", "metrics_listen", "metrics-listen", parse_hostport,
+           "127.0.0.1:9294", "Address of the Prometheus /metrics and /healthz listener."),
+    Option("upstream", "upstream", "url", "upstream", parse_urls, "http://127.0.0.1:9292",
+           "Glance API base URL(s), comma-separated; tried in order when one is unreachable."),
+    Option("connect_timeout", "upstream", "connect_timeout", "connect-timeout",
+           _positive(parse_duration), "10s", "Time allowed to connect to Glance."),
+    Option("read_timeout", "upstream", "read_timeout", "read-timeout",
+           _positive(parse_duration), "60s",
+           "Longest silence allowed while reading from Glance (there is no total timeout)."),
+    Option("cache_dir", "cache", "dir", "cache-dir", Path, "/var/cache/imgcache",
+           "Directory of the cache: image files, partial fills and the index."),
+    Option("max_size", "cache", "max_size", "max-size", _positive(parse_size), "10G",
+           "Hard cap on the bytes of cached images; larger images are streamed through."),
+    Option("decision_ttl", "auth", "decision_ttl", "decision-ttl",
+           _nonnegative(parse_duration), "30s",
+           "How long Glance's 'allowed' answer for a (token, image) is reused; 0 asks every time."),
+    Option("log_level", "logging", "level", "log-level", parse_log_level, "info",
+           "Log level: debug, info, warning, error or critical."),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings of one imgcache process."""
+
+    listen: tuple[str, int]
+    metrics_listen: tuple[str, int]
+    upstream: tuple[str, ...]
+    connect_timeout: float
+    read_timeout: float
+    cache_dir: Path
+    max_size: int
+    decision_ttl: float
+    log_level: str
+
+
+assert {f.name for f in fields(Settings)} == {o.name for o in OPTIONS}
+
+ENV_CONFIG = "IMGCACHE_CONFIG"
+
+
+def _read_ini(path: Path) -> dict[str, str]:
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
+    try:
+        with path.open(encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except configparser.Error as exc:
+        raise ConfigError(f"config file {path} is not valid INI: {exc}") from exc
+    known = {(o.section, o.key): o for o in OPTIONS}
+    values: dict[str, str] = {}
+    for section in parser.sections():
+        for key, value in parser.items(section):
+            option = known.get((section, key))
+            if option is None:
+                raise ConfigError(
+                    f"{path}: unknown key [{section}] {key}; known keys: "
+                    + ", ".join(o.ini_name for o in OPTIONS)
+                )
+            values[option.name] = value
+    return values
+
+
+def _read_env(environ: Mapping[str, str]) -> dict[str, str]:
+    by_env = {o.env: o for o in OPTIONS}
+    values: dict[str, str] = {}
+    for var, value in environ.items():
+        if not var.startswith("IMGCACHE_") or var == ENV_CONFIG:
+            continue
+        option = by_env.get(var)
+        if option is None:
+            raise ConfigError(
+                f"unknown environment variable {var}; known: "
+                + ", ".join(sorted([*by_env, ENV_CONFIG]))
+            )
+        values[option.name] = value
+    return values
+
+
+def load_settings(
+    flags: Mapping[str, str | None] | None = None,
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merge defaults, the INI file, the environment and flags (``flags`` maps option names
+    to strings, None meaning not given) and validate every value."""
+    environ = os.environ if environ is None else environ
+    if config_file is None and environ.get(ENV_CONFIG):
+        config_file = Path(environ[ENV_CONFIG])
+    layers: list[tuple[str, dict[str, str]]] = [
+        ("default", {o.name: o.default for o in OPTIONS}),
+    ]
+    if config_file is not None:
+        layers.append((str(config_file), _read_ini(config_file)))
+    layers.append(("environment", _read_env(environ)))
+    layers.append(("command line", {k: v for k, v in (flags or {}).items() if v is not None}))
+
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        source, text = next((s, layer[option.name]) for s, layer in reversed(layers)
+                            if option.name in layer)
+        try:
+            values[option.name] = option.parse(text)
+        except ValueError as exc:
+            raise ConfigError(
+                f"bad value {text!r} for {option.ini_name} (flag --{option.flag}, "
+                f"env {option.env}) from {source}: {exc}"
+            ) from exc
+    return Settings(**values)

@@ -1,0 +1,208 @@
+"""The request handlers: the image-data GET path, and the pass-through for everything else."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from imgcache.authorize import Authorizer, Denied, ImageInfo
+from imgcache.errors import ImgcacheError, NoSpace
+from imgcache.fill import Fill, FillFailed, FillRegistry
+from imgcache.keys import parse_image_id
+from imgcache.metrics import Metrics
+from imgcache.ranges import ByteRange, parse_range
+from imgcache.responses import ZeroCopySender
+from imgcache.store import Entry, Store
+from imgcache.upstream import Upstream, end_to_end_headers
+
+log = logging.getLogger("imgcache.access")
+
+_DATA_PATH = re.compile(r"^/v2/images/([^/]+)/file$")
+_PASS_CHUNK = 256 * 1024
+REQUEST_ID_HEADER = "X-OpenStack-Request-ID"
+
+
+@dataclass
+class Services:
+    """What the handlers use; built and closed by ``app``."""
+
+    settings_ttl: float
+    upstream: Upstream
+    authorizer: Authorizer
+    store: Store
+    fills: FillRegistry
+    sender: ZeroCopySender
+    metrics: Metrics
+    draining: bool = field(default=False)
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    """Route image-data GETs to the cache, everything else to Glance untouched."""
+    services = request.app[SERVICES]
+    match = _DATA_PATH.match(request.path)
+    try:
+        if request.method == "GET" and match:
+            return await ImageDataRequest(services, request, match.group(1)).serve()
+        return await pass_through(services, request)
+    except ImgcacheError as exc:
+        return error_response(exc)
+
+
+def error_response(exc: ImgcacheError) -> web.Response:
+    """A short JSON error with the status the exception carries."""
+    return web.Response(status=exc.status, body=exc.body(), content_type="application/json")
+
+
+async def pass_through(services: Services, request: web.Request,
+                       cache_status: str | None = None) -> web.StreamResponse:
+    """Forward the request to Glance and stream the answer back, bodies never buffered
+    whole. ``cache_status`` adds an X-Cache-Status header (BYPASS downloads)."""
+    services.metrics.passthrough_requests.inc()
+    body = request.content if request.body_exists else None
+    upstream = await services.upstream.request(
+        request.method, request.raw_path, request.headers, data=body)
+    try:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response.headers.extend(end_to_end_headers(upstream.headers))
+        if cache_status:
+            response.headers["X-Cache-Status"] = cache_status
+        if upstream.content_length is not None:
+            response.content_length = upstream.content_length
+        await response.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_chunked(_PASS_CHUNK):
+                if cache_status:
+                    services.metrics.upstream_bytes.inc(len(chunk))
+                await response.write(chunk)
+        except ConnectionResetError:
+            raise
+        except Exception as exc:
+            # The status line is gone: all that is left is not to end the body cleanly.
+            log.warning("%s %s: %s; aborting the client connection", request.method,
+                        request.path, services.upstream.broken(exc, "a pass-through"))
+            _abort(request)
+            return response
+        await response.write_eof()
+        return response
+    finally:
+        upstream.release()
+
+
+def _abort(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.abort()
+
+
+class ImageDataRequest:
+    """One ``GET /v2/images/{id}/file``: authorize with Glance, then serve from the cache
+    (HIT), from a fill in flight (MISS when this request started it, COALESCED when it
+    joined), or straight from Glance (BYPASS)."""
+
+    def __init__(self, services: Services, request: web.Request, raw_id: str) -> None:
+        self.services = services
+        self.request = request
+        self.raw_id = raw_id
+        self.request_id = request.headers.get(REQUEST_ID_HEADER) or f"req-{uuid.uuid4()}"
+        self.result = "error"
+        self.sent = 0
+        self.status = 500
+
+    async def serve(self) -> web.StreamResponse:
+        """Answer the request and log one line about it."""
+        started = time.monotonic()
+        try:
+            response = await self._serve()
+            self.status = response.status
+            return response
+        finally:
+            metrics = self.services.metrics
+            metrics.requests.labels(self.result).inc()
+            metrics.served_bytes.labels(self.result).inc(self.sent)
+            log.info("image request %s image=%s result=%s status=%s bytes=%d duration=%.3fs",
+                     self.request_id, self.raw_id[:64], self.result.upper(), self.status,
+                     self.sent, time.monotonic() - started)
+
+    async def _serve(self) -> web.StreamResponse:
+        image_id = parse_image_id(self.raw_id)
+        try:
+            info = await self.services.authorizer.authorize(image_id, self.request.headers)
+        except Denied as denied:
+            self.result = "denied"
+            denied.headers.popall("Content-Length", None)
+            return web.Response(status=denied.status, headers=denied.headers,
+                                body=denied.body)
+        if info.status != "active" or info.expected is None:
+            # Glance answers these itself (204 without data, 403 deactivated...).
+            self.result = "bypass"
+            return await pass_through(self.services, self.request, "BYPASS")
+        byte_range = parse_range(self.request.headers.get("Range"), info.expected.size)
+        for _ in range(3):  # an entry or fill can vanish between two looks
+            entry = self.services.store.lookup(image_id, info.expected.key)
+            if entry is not None:
+                fd = await self.services.store.open_entry(entry)
+                if fd is not None:
+                    self.result = "hit"
+                    return await self._send(info, byte_range, fd, None)
+                continue
+            try:
+                joined = self.services.fills.join_or_start(
+                    image_id, info.expected, self.request.raw_path, self.request.headers)
+            except NoSpace as exc:
+                log.info("image %s not cached (%s); streaming it through", image_id, exc)
+                self.result = "bypass"
+                return await pass_through(self.services, self.request, "BYPASS")
+            if isinstance(joined, Entry):
+                continue
+            fill, started = joined
+            fd = await fill.open_reader()
+            if fd is not None:
+                self.result = "miss" if started else "coalesced"
+                return await self._send(info, byte_range, fd, fill)
+        self.result = "bypass"
+        return await pass_through(self.services, self.request, "BYPASS")
+
+    async def _send(self, info: ImageInfo, byte_range: ByteRange | None, fd: int,
+                    fill: Fill | None) -> web.StreamResponse:
+        assert info.expected is not None
+        size = info.expected.size
+        start, end = (byte_range.start, byte_range.end) if byte_range else (0, size)
+        response = web.StreamResponse(status=206 if byte_range else 200)
+        response.headers["Content-Type"] = "application/octet-stream"
+        if info.checksum:
+            response.headers["Content-MD5"] = info.checksum
+        if byte_range:
+            response.headers["Content-Range"] = byte_range.content_range
+        response.headers["X-Cache-Status"] = self.result.upper()
+        response.headers["x-openstack-request-id"] = self.request_id
+        response.content_length = end - start
+        sender = self.services.sender
+        try:
+            await response.prepare(self.request)
+            if fill is None:
+                self.sent = await sender.send_file(self.request, fd, start, end)
+            else:
+                self.sent = await sender.send_growing(self.request, fd, start, end, fill)
+        except FillFailed as exc:
+            log.warning("request %s: fill of image %s failed (%s); aborting the client "
+                        "connection so it cannot take a partial image for a whole one",
+                        self.request_id, info.image_id, exc)
+            self.result = "error"
+            _abort(self.request)
+            return response
+        except ConnectionResetError:
+            self.status = 499
+            _abort(self.request)
+            return response
+        finally:
+            os.close(fd)
+        await response.write_eof()
+        return response

@@ -1,0 +1,73 @@
+"""Prometheus collectors of one imgcache app, on a registry of its own (so that several
+apps in one process, as in tests, never share counters)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+
+#: Labels of imgcache_requests_total / imgcache_served_bytes_total for image-data GETs.
+RESULTS = ("hit", "miss", "coalesced", "bypass", "denied", "error")
+#: Labels of imgcache_fills_total.
+FILL_OUTCOMES = (
+    "committed", "checksum_mismatch", "size_mismatch", "upstream_error", "disk_error",
+    "cancelled",
+)
+#: Labels of imgcache_verifications_total: which check a committed fill passed.
+VERIFY_METHODS = ("os_hash", "checksum", "size_only")
+
+
+class Metrics:
+    """Every metric imgcache exports; see the README's metrics table."""
+
+    def __init__(self) -> None:
+        disable_created_metrics()  # the *_created series only add noise to every scrape
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "imgcache_requests", "Image-data GETs by result.", ["result"], registry=r)
+        self.served_bytes = Counter(
+            "imgcache_served_bytes", "Image bytes sent to clients by result.", ["result"],
+            registry=r)
+        self.upstream_bytes = Counter(
+            "imgcache_upstream_bytes", "Image-data bytes received from Glance (fills and "
+            "bypassed downloads).", registry=r)
+        self.fills = Counter(
+            "imgcache_fills", "Finished cache fills by outcome.", ["outcome"], registry=r)
+        self.fills_in_progress = Gauge(
+            "imgcache_fills_in_progress", "Fills downloading now.", registry=r)
+        self.cache_bytes = Gauge(
+            "imgcache_cache_bytes", "Bytes of committed entries plus space reserved by fills.",
+            registry=r)
+        self.cache_max_bytes = Gauge(
+            "imgcache_cache_max_bytes", "The configured hard cap.", registry=r)
+        self.cache_entries = Gauge(
+            "imgcache_cache_entries", "Committed cache entries.", registry=r)
+        self.evictions = Counter(
+            "imgcache_evictions", "Entries removed to make room (least recently used first).",
+            registry=r)
+        self.checksum_failures = Counter(
+            "imgcache_checksum_failures", "Fills whose bytes did not match Glance's hash.",
+            registry=r)
+        self.verifications = Counter(
+            "imgcache_verifications", "Committed fills by the check they passed; size_only "
+            "means Glance published no hash.", ["method"], registry=r)
+        self.auth_checks = Counter(
+            "imgcache_auth_checks", "Authorization answers: allowed/denied by Glance, or "
+            "allowed_cached from the decision cache.", ["outcome"], registry=r)
+        self.passthrough_requests = Counter(
+            "imgcache_passthrough_requests", "Requests passed through to Glance untouched.",
+            registry=r)
+        self.upstream_errors = Counter(
+            "imgcache_upstream_errors", "Failures talking to Glance by kind (connect, "
+            "timeout, broken).", ["kind"], registry=r)
+        for result in RESULTS:
+            self.requests.labels(result)
+            self.served_bytes.labels(result)
+        for outcome in FILL_OUTCOMES:
+            self.fills.labels(outcome)
+        for method in VERIFY_METHODS:
+            self.verifications.labels(method)
+        for outcome in ("allowed", "allowed_cached", "denied"):
+            self.auth_checks.labels(outcome)
+        for kind in ("connect", "timeout", "broken"):
+            self.upstream_errors.labels(kind)

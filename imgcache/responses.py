@@ -1,0 +1,102 @@
+"""Sending image bytes from files to clients with sendfile(2), under uvloop too.
+
+uvloop has no ``loop.sendfile`` (uvloop issue 228), so aiohttp's FileResponse silently
+copies through user space there. This module sends straight from the page cache: the
+sendfile calls run on worker threads (they may wait on the disk), and between them the
+loop waits for the socket to become writable, watching a dup of its fd because uvloop
+refuses watchers on an fd that a transport owns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+
+from imgcache.fill import Fill
+
+#: Upper bound of one sendfile(2) call; the socket buffer usually bounds it first.
+_MAX_SENDFILE = 1 << 30
+#: A client whose socket takes no byte for this long is dropped (it stopped reading).
+CLIENT_STALL_SECONDS = 300.0
+
+
+class ZeroCopySender:
+    """Sends file ranges to aiohttp connections with sendfile(2)."""
+
+    def __init__(self, threads: ThreadPoolExecutor) -> None:
+        self._threads = threads
+
+    async def send_file(self, request: web.Request, fd: int, start: int, end: int) -> int:
+        """Send bytes ``start``..``end`` of a complete file; return bytes sent."""
+        return await self._send(request, fd, start, end, None)
+
+    async def send_growing(self, request: web.Request, fd: int, start: int, end: int,
+                           fill: Fill) -> int:
+        """Send bytes ``start``..``end`` of a file that ``fill`` is still writing, each as
+        soon as it is on disk, the last ones only once the fill is verified. Raises
+        FillFailed (after sending what was allowed) if the fill fails."""
+        return await self._send(request, fd, start, end, fill)
+
+    async def _send(self, request: web.Request, fd: int, start: int, end: int,
+                    fill: Fill | None) -> int:
+        loop = asyncio.get_running_loop()
+        transport = request.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if transport is None or sock is None or transport.is_closing():
+            raise ConnectionResetError("client went away")
+        out_fd = os.dup(sock.fileno())
+        try:
+            # Bytes aiohttp or uvloop still hold (the headers) must leave before ours.
+            while transport.get_write_buffer_size():
+                await _writable(loop, out_fd)
+            position = start
+            while position < end:
+                limit = end if fill is None else fill.readable_until(end)
+                if limit <= position:
+                    assert fill is not None
+                    await fill.wait_for_progress()
+                    continue
+                sent, blocked = await loop.run_in_executor(
+                    self._threads, _sendfile_until_blocked, out_fd, fd, position, limit)
+                position += sent
+                if blocked:
+                    await _writable(loop, out_fd)
+            return position - start
+        finally:
+            os.close(out_fd)
+
+
+def _sendfile_until_blocked(out_fd: int, in_fd: int, start: int, end: int) -> tuple[int, bool]:
+    """Runs on a worker thread: sendfile until done or the socket is full. Returns bytes
+    sent and whether the socket would block."""
+    position = start
+    while position < end:
+        try:
+            sent = os.sendfile(out_fd, in_fd, position, min(end - position, _MAX_SENDFILE))
+        except BlockingIOError:
+            return position - start, True
+        except OSError as exc:
+            if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                raise ConnectionResetError(exc.errno, "client went away") from exc
+            raise
+        if sent == 0:
+            raise OSError(errno.EIO, f"file ended at {position}, expected {end} bytes")
+        position += sent
+    return position - start, False
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    """Wait until ``fd`` (a socket) can take more bytes or has failed."""
+    ready: asyncio.Future[None] = loop.create_future()
+    loop.add_writer(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        async with asyncio.timeout(CLIENT_STALL_SECONDS):
+            await ready
+    except TimeoutError:
+        raise ConnectionResetError("client stopped reading") from None
+    finally:
+        loop.remove_writer(fd)

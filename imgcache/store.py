@@ -1,0 +1,296 @@
+"""The cache on disk: the only module that touches diskcache and the cache directory.
+
+Layout under ``cache_dir``:
+- ``data/``: committed image files, named by ``keys.data_file_name``;
+- ``partial/``: files of fills in progress; never served once the process that wrote them
+  is gone, and swept at start;
+- ``index/``: a diskcache (SQLite) of one small record per entry.
+
+The entry table is mirrored in memory (recency order included), so a lookup on the hot path
+never touches SQLite; every SQLite call and file operation runs on the store's own threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import diskcache
+
+from imgcache.errors import NoSpace
+from imgcache.keys import data_file_name, partial_file_name
+from imgcache.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Entry:
+    """A committed, verified image file. ``content_key`` is ``digest.Expected.key`` at commit."""
+
+    image_id: str
+    content_key: str
+    size: int
+    file_name: str
+    created_at: float
+    last_access: float
+    hits: int = 0
+    pinned: bool = False
+    verified_at: float = 0.0
+
+
+@dataclass
+class Reservation:
+    """Space set aside for one fill; released on failure or turned into an entry on commit."""
+
+    size: int
+    active: bool = True
+
+
+class Store:
+    """Size-capped, LRU-evicting cache of image files with a persistent index."""
+
+    def __init__(self, cache_dir: Path, max_bytes: int, metrics: Metrics,
+                 files: ThreadPoolExecutor) -> None:
+        self.cache_dir = cache_dir
+        self.max_bytes = max_bytes
+        self._metrics = metrics
+        self._files = files
+        # One thread for the index keeps its writes in the order they were made.
+        self._index_thread = ThreadPoolExecutor(1, thread_name_prefix="imgcache-index")
+        self._index: diskcache.Cache | None = None
+        self._entries: OrderedDict[str, Entry] = OrderedDict()  # least recently used first
+        self._entry_bytes = 0
+        self._reserved_bytes = 0
+        self._partial_names = itertools.count(1)
+        self._background: set[asyncio.Future[Any]] = set()
+        metrics.cache_max_bytes.set(max_bytes)
+
+    @property
+    def data_dir(self) -> Path:
+        """Directory of committed image files."""
+        return self.cache_dir / "data"
+
+    @property
+    def partial_dir(self) -> Path:
+        """Directory of fills in progress."""
+        return self.cache_dir / "partial"
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of committed entries plus bytes reserved by fills in progress."""
+        return self._entry_bytes + self._reserved_bytes
+
+    async def open(self) -> None:
+        """Create the layout, sweep partial files, load the index and reconcile it with the
+        files: a record without its file is dropped, a file without its record removed."""
+        loop = asyncio.get_running_loop()
+        records = await loop.run_in_executor(self._index_thread, self._open_sync)
+        for entry in sorted(records, key=lambda e: e.last_access):
+            self._entries[entry.image_id] = entry
+            self._entry_bytes += entry.size
+        self._publish()
+        log.info("cache %s opened: %d entries, %d bytes of %d", self.cache_dir,
+                 len(self._entries), self._entry_bytes, self.max_bytes)
+        if self._entry_bytes > self.max_bytes:
+            self._evict_for(0)
+
+    def _open_sync(self) -> list[Entry]:
+        for directory in (self.data_dir, self.partial_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        for leftover in self.partial_dir.iterdir():
+            log.info("removing partial file %s left by an earlier run", leftover.name)
+            leftover.unlink(missing_ok=True)
+        self._index = diskcache.Cache(
+            str(self.cache_dir / "index"), eviction_policy="none", cull_limit=0,
+            size_limit=2**62, statistics=False,
+        )
+        on_disk = {p.name: p for p in self.data_dir.iterdir()}
+        records: list[Entry] = []
+        for key in list(self._index.iterkeys()):
+            raw = self._index.get(key)
+            try:
+                entry = Entry(**raw)
+                size_on_disk = on_disk.pop(entry.file_name).stat().st_size
+            except (TypeError, KeyError, OSError):
+                log.warning("dropping index record %s: its file is missing or unreadable", key)
+                self._index.delete(key)
+                continue
+            if size_on_disk != entry.size:
+                log.warning("dropping entry %s: file has %d bytes, index says %d",
+                            key, size_on_disk, entry.size)
+                self._index.delete(key)
+                (self.data_dir / entry.file_name).unlink(missing_ok=True)
+                continue
+            records.append(entry)
+        for name, stray in on_disk.items():
+            log.warning("removing %s: a data file with no index record", name)
+            stray.unlink(missing_ok=True)
+        return records
+
+    async def close(self) -> None:
+        """Finish pending index writes and close the index."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        if self._index is not None:
+            await loop.run_in_executor(self._index_thread, self._index.close)
+        self._index_thread.shutdown(wait=False)
+
+    def lookup(self, image_id: str, content_key: str) -> Entry | None:
+        """The committed entry of this image if it holds the content Glance now publishes.
+        An entry with other content (the image was re-hashed) is dropped."""
+        entry = self._entries.get(image_id)
+        if entry is None:
+            return None
+        if entry.content_key != content_key:
+            log.info("dropping entry %s: Glance now publishes other content", image_id)
+            self.remove(image_id)
+            return None
+        return entry
+
+    async def open_entry(self, entry: Entry) -> int | None:
+        """An fd to read the entry's file, or None if the file has vanished (then the entry
+        is dropped). Counts a hit and moves the entry to the most recently used end."""
+        path = self.data_dir / entry.file_name
+        loop = asyncio.get_running_loop()
+        try:
+            fd = await loop.run_in_executor(self._files, os.open, path, os.O_RDONLY)
+        except FileNotFoundError:
+            log.warning("entry %s lost its file %s; dropping it", entry.image_id, path)
+            if self._entries.get(entry.image_id) is entry:
+                self.remove(entry.image_id)
+            return None
+        entry.hits += 1
+        entry.last_access = time.time()
+        if self._entries.get(entry.image_id) is entry:
+            self._entries.move_to_end(entry.image_id)
+            self._persist(entry)
+        return fd
+
+    def reserve(self, size: int) -> Reservation:
+        """Set aside ``size`` bytes, evicting least recently used unpinned entries as needed.
+        Raises NoSpace when the image cannot fit under the cap."""
+        if size > self.max_bytes:
+            raise NoSpace(f"image of {size} bytes is larger than the cache cap {self.max_bytes}")
+        self._evict_for(size)
+        self._reserved_bytes += size
+        self._publish()
+        return Reservation(size)
+
+    def release(self, reservation: Reservation) -> None:
+        """Give back a reservation's space (a failed or abandoned fill)."""
+        if reservation.active:
+            reservation.active = False
+            self._reserved_bytes -= reservation.size
+            self._publish()
+
+    def new_partial_path(self, image_id: str) -> Path:
+        """A fresh path for a fill's partial file."""
+        return self.partial_dir / partial_file_name(image_id, next(self._partial_names))
+
+    async def commit(self, reservation: Reservation, partial: Path, image_id: str,
+                     content_key: str) -> Entry:
+        """Adopt a verified partial file: flush it to disk, rename it into ``data/`` and
+        write its index record. Its bytes are never copied."""
+        now = time.time()
+        entry = Entry(image_id=image_id, content_key=content_key, size=reservation.size,
+                      file_name=data_file_name(image_id, time.time_ns()),
+                      created_at=now, last_access=now, verified_at=now)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._files, self._adopt_sync, partial, entry.file_name)
+        await loop.run_in_executor(self._index_thread, self._write_record, entry)
+        self.release(reservation)
+        if image_id in self._entries:  # an older copy, e.g. from before a re-hash
+            self.remove(image_id)
+        self._entries[image_id] = entry
+        self._entry_bytes += entry.size
+        self._publish()
+        return entry
+
+    def _adopt_sync(self, partial: Path, file_name: str) -> None:
+        fd = os.open(partial, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        os.rename(partial, self.data_dir / file_name)
+        dir_fd = os.open(self.data_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def discard_partial(self, partial: Path) -> None:
+        """Delete a failed fill's partial file in the background."""
+        self._background_call(self._files, partial.unlink, True)
+
+    def remove(self, image_id: str) -> Entry | None:
+        """Drop an entry now; its file and record are deleted in the background. Readers that
+        already opened the file keep reading it to the end."""
+        entry = self._entries.pop(image_id, None)
+        if entry is None:
+            return None
+        self._entry_bytes -= entry.size
+        self._publish()
+        self._background_call(self._index_thread, self._delete_sync, entry)
+        return entry
+
+    def entries(self) -> list[Entry]:
+        """All committed entries, least recently used first."""
+        return list(self._entries.values())
+
+    def _evict_for(self, size: int) -> None:
+        excess = self.used_bytes + size - self.max_bytes
+        if excess <= 0:
+            return
+        victims: list[str] = []
+        for entry in self._entries.values():
+            if excess <= 0:
+                break
+            if not entry.pinned:
+                victims.append(entry.image_id)
+                excess -= entry.size
+        if excess > 0:
+            raise NoSpace(f"cannot free {excess} more bytes: the rest of the cache is pinned "
+                          "or reserved by fills in progress")
+        for image_id in victims:
+            log.info("evicting %s (least recently used) to make room", image_id)
+            self.remove(image_id)
+            self._metrics.evictions.inc()
+
+    def _persist(self, entry: Entry) -> None:
+        self._background_call(self._index_thread, self._write_record, entry)
+
+    def _write_record(self, entry: Entry) -> None:
+        assert self._index is not None
+        self._index.set(entry.image_id, asdict(entry))
+
+    def _delete_sync(self, entry: Entry) -> None:
+        assert self._index is not None
+        current = self._index.get(entry.image_id)
+        if current is not None and current.get("file_name") == entry.file_name:
+            self._index.delete(entry.image_id)
+        (self.data_dir / entry.file_name).unlink(missing_ok=True)
+
+    def _background_call(self, executor: ThreadPoolExecutor, func: Any, *args: Any) -> None:
+        future = asyncio.get_running_loop().run_in_executor(executor, func, *args)
+        self._background.add(future)
+        future.add_done_callback(self._background_done)
+
+    def _background_done(self, future: asyncio.Future[Any]) -> None:
+        self._background.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.error("cache housekeeping failed: %s", future.exception())
+
+    def _publish(self) -> None:
+        self._metrics.cache_bytes.set(self.used_bytes)
+        self._metrics.cache_entries.set(len(self._entries))

@@ -1,0 +1,135 @@
+"""Shared fixtures: every async test runs on uvloop with blockbuster watching the loop, and
+talks to real servers on loopback: a Glance stand-in and imgcache itself."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import uvloop
+from blockbuster import blockbuster_ctx
+
+from imgcache.app import Running, running
+from imgcache.config import load_settings
+from imgcache.handlers import SERVICES, Services
+from imgcache.standin import GlanceStandin
+
+TOKEN = "token-a"
+OTHER_TOKEN = "token-b"
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Mapping[str, Any]:
+    """Run every async test on uvloop, the loop imgcache runs on in production."""
+    return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture(autouse=True)
+def blockbuster(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail any async test whose event loop makes a blocking call (disk, SQLite, sleep)."""
+    if not asyncio.iscoroutinefunction(getattr(request.node, "function", None)):
+        yield
+        return
+    with blockbuster_ctx():
+        yield
+
+
+@pytest.fixture
+def glance_dir(tmp_path: Path) -> Path:
+    """Where the stand-in keeps its images (made here: blocking calls stay out of the loop)."""
+    data = tmp_path / "glance"
+    data.mkdir()
+    return data
+
+
+@pytest.fixture
+async def glance(glance_dir: Path) -> AsyncIterator[GlanceStandin]:
+    """A Glance stand-in on loopback with two tokens (neither sees the other's images)."""
+    standin = GlanceStandin(glance_dir, tokens=(TOKEN, OTHER_TOKEN))
+    await standin.start()
+    yield standin
+    await standin.stop()
+
+
+@dataclass
+class Imgcache:
+    """An imgcache app running in the test's loop, and a client session to it."""
+
+    url: str
+    metrics_url: str
+    services: Services
+    session: aiohttp.ClientSession
+    cache_dir: Path
+
+    def data_url(self, image_id: str) -> str:
+        """URL of an image's data through imgcache."""
+        return f"{self.url}/v2/images/{image_id}/file"
+
+    async def metrics(self) -> dict[str, float]:
+        """The current Prometheus samples, name{labels} -> value."""
+        async with self.session.get(self.metrics_url + "/metrics") as response:
+            text = await response.text()
+        samples = {}
+        for line in text.splitlines():
+            match = re.match(r"^(imgcache_\S+) (\S+)$", line)
+            if match:
+                samples[match.group(1)] = float(match.group(2))
+        return samples
+
+    async def wait_for_metric(self, name: str, value: float, timeout: float = 30) -> None:
+        """Wait until a sample reaches ``value`` (fills commit after clients finish)."""
+        async with asyncio.timeout(timeout):
+            while (await self.metrics()).get(name, 0) < value:
+                await asyncio.sleep(0.02)
+
+    async def get(self, image_id: str, token: str | None = TOKEN,
+                  headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        """Download an image through imgcache: status, headers and the whole body."""
+        all_headers = {"X-Auth-Token": token} if token else {}
+        all_headers.update(headers or {})
+        async with self.session.get(self.data_url(image_id), headers=all_headers) as response:
+            body = await response.read()
+            return response.status, dict(response.headers), body
+
+
+ImgcacheFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def imgcache_factory(
+    tmp_path: Path, glance: GlanceStandin
+) -> AsyncIterator[ImgcacheFactory]:
+    """Start imgcache apps in front of the stand-in: ``await factory(max_size="1G", ...)``."""
+    stack: list[Any] = []
+
+    async def start(**flags: str) -> Imgcache:
+        values = {
+            "listen": "127.0.0.1:0",
+            "metrics_listen": "127.0.0.1:0",
+            "upstream": glance.url,
+            "cache_dir": str(tmp_path / "cache"),
+            "max_size": "1G",
+        }
+        values.update(flags)
+        context = running(load_settings(values, environ={}))
+        served: Running = await context.__aenter__()
+        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
+        stack.append((context, session))
+        return Imgcache(served.proxy_url, served.metrics_url,
+                        served.proxy_app[SERVICES], session, Path(values["cache_dir"]))
+
+    yield start
+    for context, session in reversed(stack):
+        await session.close()
+        await context.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def imgcache(imgcache_factory: ImgcacheFactory) -> Imgcache:
+    """imgcache with a 1 GiB cap in front of the stand-in."""
+    return await imgcache_factory()
