@@ -4,6 +4,7 @@ talks to real servers on loopback: a Glance stand-in and imgcache itself."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -69,6 +70,10 @@ class Imgcache:
     def data_url(self, image_id: str) -> str:
         """URL of an image's data through imgcache."""
         return f"{self.url}/v2/images/{image_id}/file"
+
+    async def data_files(self) -> list[str]:
+        """Names of the committed image files on disk (listed off the loop)."""
+        return sorted(await asyncio.to_thread(os.listdir, self.cache_dir / "data"))
 
     async def metrics(self) -> dict[str, float]:
         """The current Prometheus samples, name{labels} -> value."""
