@@ -189,6 +189,11 @@ class FillRegistry:
         self._metrics.fills_in_progress.inc()
         return fill, True
 
+    async def wait_idle(self) -> None:
+        """Return once no fill is running (each committed or failed)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
     async def close(self) -> None:
         """Cancel every fill (their partial files are removed) and wait for them."""
         for task in list(self._tasks):

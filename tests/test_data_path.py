@@ -63,11 +63,10 @@ async def test_response_headers_are_glances_plus_cache_status(
     glance: GlanceStandin, imgcache: Imgcache
 ) -> None:
     image = await glance.add_image(size=MiB)
-    async with aiohttp.ClientSession() as direct:
-        async with direct.get(f"{glance.url}/v2/images/{image.id}/file",
-                              headers={"X-Auth-Token": TOKEN}) as resp:
-            glance_headers = resp.headers
-            await resp.read()
+    async with imgcache.session.get(f"{glance.url}/v2/images/{image.id}/file",
+                                    headers={"X-Auth-Token": TOKEN}) as resp:
+        glance_headers = resp.headers
+        await resp.read()
     status, headers, _ = await imgcache.get(image.id)
     assert status == 200
     for name in ("Content-Type", "Content-Length", "Content-MD5"):
@@ -82,11 +81,10 @@ async def test_first_client_leaving_does_not_cancel_the_fill(
 ) -> None:
     image = await glance.add_image(size=4 * MiB)
     glance.faults[image.id] = Fault(rate=4 * MiB)
-    async with aiohttp.ClientSession() as quitter:
-        async with quitter.get(imgcache.data_url(image.id),
-                               headers={"X-Auth-Token": TOKEN}) as resp:
-            assert resp.headers["X-Cache-Status"] == "MISS"
-            await resp.content.readany()
+    async with aiohttp.ClientSession() as quitter, quitter.get(imgcache.data_url(image.id),
+                           headers={"X-Auth-Token": TOKEN}) as resp:
+        assert resp.headers["X-Cache-Status"] == "MISS"
+        await resp.content.readany()
     # The first (and only) client is gone; the fill goes on and commits.
     await imgcache.wait_for_metric('imgcache_fills_total{outcome="committed"}', 1)
     status, headers, body = await imgcache.get(image.id)

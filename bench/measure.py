@@ -1,0 +1,266 @@
+"""The measurements: cache-hit throughput against nginx, and the cold boot storm against one
+direct download. Each records its raw samples; ``report`` turns them into medians and ratios.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from curls import Batch, Download, download, run_batch
+from glance_nginx import Nginx, Route
+from images import file_sha512
+from imgcache_server import Imgcache
+from procs import Processes
+
+IMGCACHE = "imgcache"
+NGINX = "nginx"
+
+
+@dataclass
+class Checks:
+    """Correctness checks made along the way, counted per kind; a failure fails the run."""
+
+    passed: Counter[str] = field(default_factory=Counter)
+    failed: Counter[str] = field(default_factory=Counter)
+    first_failure: dict[str, str] = field(default_factory=dict)
+
+    def expect(self, name: str, ok: bool, detail: str = "") -> bool:
+        """Record one check of kind ``name``; ``detail`` explains a failure."""
+        if ok:
+            self.passed[name] += 1
+        else:
+            self.failed[name] += 1
+            self.first_failure.setdefault(name, detail)
+            progress(f"CHECK FAILED: {name}: {detail}")
+        return ok
+
+    def names(self) -> list[str]:
+        """Every kind of check made, in the order first seen."""
+        return list(dict.fromkeys([*self.passed, *self.failed]))
+
+
+@dataclass
+class Bench:
+    """What the measurements run against."""
+
+    procs: Processes
+    nginx: Nginx
+    imgcache: Imgcache
+    scratch: Path  # bodies whose hash is checked land here (tmpfs when there is room)
+    checks: Checks
+
+
+@dataclass
+class HitResults:
+    """Cache-hit samples: MB/s of single downloads, wall seconds of concurrent rounds."""
+
+    size: int
+    clients: int
+    single_mbps: dict[str, list[float]] = field(
+        default_factory=lambda: {IMGCACHE: [], NGINX: []})
+    concurrent_wall: dict[str, list[float]] = field(
+        default_factory=lambda: {IMGCACHE: [], NGINX: []})
+
+
+@dataclass
+class StormRep:
+    """One cold storm (a fresh image id) and the direct download it is compared with."""
+
+    wall: float
+    direct: float
+    ttfbs: list[float]
+    upstream_gets: int
+    committed: int
+    cache_statuses: Counter[str]
+    verified: int  # bodies whose sha512 matched
+
+
+@dataclass
+class StormResults:
+    """All storm repetitions."""
+
+    size: int
+    clients: int
+    reps: list[StormRep] = field(default_factory=list)
+
+
+def progress(message: str) -> None:
+    """A progress line on stderr (stdout carries the report)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def settle() -> None:
+    """Flush dirty pages so an earlier fill's writeback does not land in the next timing."""
+    os.sync()
+
+
+def data_url(base: str, image_id: str) -> str:
+    """URL of an image's data on a server with Glance's paths."""
+    return f"{base}/v2/images/{image_id}/file"
+
+
+def check_download(checks: Checks, name: str, got: Download, size: int,
+                   cache_status: str | None = None) -> None:
+    """Expect a complete 200 download (and the given X-Cache-Status, if any)."""
+    ok = got.status == 200 and got.size == size and not got.error
+    if cache_status is not None:
+        ok = ok and got.cache_status == cache_status
+    checks.expect(name, ok, f"status {got.status}, {got.size} of {size} bytes, "
+                            f"X-Cache-Status {got.cache_status or '-'} "
+                            f"(wanted {cache_status or 'any'}) {got.error}".strip())
+
+
+def check_batch(checks: Checks, name: str, batch: Batch, size: int,
+                cache_status: str | None = None) -> None:
+    """``check_download`` for every download of a batch."""
+    for got in batch.downloads:
+        check_download(checks, name, got, size, cache_status)
+
+
+def prime_hit(bench: Bench, route: Route) -> None:
+    """Fill imgcache with the hit image (one MISS, then one HIT) and warm nginx's copy."""
+    size = route.image.size
+    url = data_url(bench.imgcache.url, route.image_id)
+    check_download(bench.checks, "hit image: first GET is a MISS",
+                   download(bench.procs, url), size, "MISS")
+    check_download(bench.checks, "hit image: second GET is a HIT",
+                   download(bench.procs, url), size, "HIT")
+    gets = wait_for_gets(bench.nginx, route.image_id)
+    bench.checks.expect("hit image: one upstream data GET", gets == 1, f"{gets} GETs")
+    check_download(bench.checks, "nginx baseline: warm-up GET",
+                   download(bench.procs, data_url(bench.nginx.local_url, route.image_id)),
+                   size)
+    settle()
+
+
+def _order(rep: int) -> list[str]:
+    """Alternate who goes first, so neither side always follows the other."""
+    return [IMGCACHE, NGINX] if rep % 2 == 0 else [NGINX, IMGCACHE]
+
+
+def measure_hits(bench: Bench, route: Route, reps: int, clients: int) -> HitResults:
+    """Single-client and ``clients``-concurrent downloads of the cached image, imgcache and
+    nginx (same bytes, page cache, sendfile) alternating."""
+    size = route.image.size
+    urls = {IMGCACHE: data_url(bench.imgcache.url, route.image_id),
+            NGINX: data_url(bench.nginx.local_url, route.image_id)}
+    wanted = {IMGCACHE: "HIT", NGINX: None}
+    results = HitResults(size=size, clients=clients)
+    for rep in range(reps):
+        for name in _order(rep):
+            got = download(bench.procs, urls[name])
+            check_download(bench.checks, f"hit 1 client: {name} complete", got, size,
+                           wanted[name])
+            results.single_mbps[name].append(got.mb_per_s)
+        progress(f"hit 1 client rep {rep + 1}/{reps}: " + ", ".join(
+            f"{n} {results.single_mbps[n][-1]:.0f} MB/s" for n in (IMGCACHE, NGINX)))
+    for rep in range(reps):
+        for name in _order(rep):
+            batch = run_batch(bench.procs, urls[name], ["/dev/null"] * clients)
+            check_batch(bench.checks, f"hit {clients} clients: {name} complete", batch, size,
+                        wanted[name])
+            results.concurrent_wall[name].append(batch.wall)
+        progress(f"hit {clients} clients rep {rep + 1}/{reps}: " + ", ".join(
+            f"{n} {results.concurrent_wall[n][-1]:.2f} s" for n in (IMGCACHE, NGINX)))
+    return results
+
+
+def wait_for_gets(nginx: Nginx, image_id: str, timeout: float = 5.0) -> int:
+    """The upstream data GETs for ``image_id`` once nginx has logged them (it logs when a
+    response ends, which may trail the client's last byte by a moment)."""
+    deadline = time.monotonic() + timeout
+    while nginx.data_gets(image_id) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    return nginx.data_gets(image_id)
+
+
+def direct_download(bench: Bench, route: Route) -> float:
+    """Seconds for one curl to download the image straight from the Glance stand-in."""
+    settle()
+    got = download(bench.procs, data_url(bench.nginx.glance_url, route.image_id))
+    check_download(bench.checks, "storm baseline: direct download complete", got,
+                   route.image.size)
+    return got.total
+
+
+def storm_once(bench: Bench, route: Route, clients: int,
+               verify: int) -> tuple[Batch, int, int, int]:
+    """``clients`` curls at once for an image imgcache has never seen; the first and last
+    ``verify // 2``-ish clients save their bodies for a sha512 check. Returns the batch,
+    upstream data GETs, fills committed and bodies verified."""
+    settle()
+    committed_before = bench.imgcache.committed_fills()
+    saved = _verified_indices(clients, verify)
+    outputs = [str(bench.scratch / f"body-{i}") if i in saved else "/dev/null"
+               for i in range(clients)]
+    batch = run_batch(bench.procs, data_url(bench.imgcache.url, route.image_id), outputs)
+    gets = wait_for_gets(bench.nginx, route.image_id)
+    committed = bench.imgcache.committed_fills() - committed_before
+    verified = _verify_bodies([Path(outputs[i]) for i in sorted(saved)], route.image.sha512)
+    return batch, gets, committed, verified
+
+
+def _verified_indices(clients: int, verify: int) -> set[int]:
+    """The first and last clients started, alternately, ``verify`` of them."""
+    ends = [i // 2 if i % 2 == 0 else clients - 1 - i // 2 for i in range(clients)]
+    return set(ends[:min(verify, clients)])
+
+
+def _verify_bodies(paths: list[Path], sha512: str) -> int:
+    """How many of ``paths`` hash to ``sha512`` (checked in parallel, then deleted)."""
+    try:
+        with ThreadPoolExecutor(max(1, len(paths))) as pool:
+            digests = list(pool.map(_digest_or_none, paths))
+    finally:
+        for path in paths:
+            path.unlink(missing_ok=True)
+    return sum(1 for digest in digests if digest == sha512)
+
+
+def _digest_or_none(path: Path) -> str | None:
+    return file_sha512(path) if path.exists() else None
+
+
+def measure_storm(bench: Bench, routes: list[Route], direct: Route, clients: int,
+                  verify: int) -> StormResults:
+    """One storm per route (each a fresh id for the same bytes), each paired with a direct
+    download of those bytes from the Glance stand-in; the order alternates."""
+    size = direct.image.size
+    results = StormResults(size=size, clients=clients)
+    for rep, route in enumerate(routes):
+        direct_first = rep % 2 == 0
+        direct_s = direct_download(bench, direct) if direct_first else 0.0
+        batch, gets, committed, verified = storm_once(bench, route, clients, verify)
+        if not direct_first:
+            direct_s = direct_download(bench, direct)
+        _check_storm(bench.checks, batch, size, gets, committed, verified,
+                     min(verify, clients))
+        statuses = Counter(d.cache_status or "-" for d in batch.downloads)
+        results.reps.append(StormRep(
+            wall=batch.wall, direct=direct_s, ttfbs=[d.ttfb for d in batch.downloads],
+            upstream_gets=gets, committed=committed, cache_statuses=statuses,
+            verified=verified))
+        progress(f"storm rep {rep + 1}/{len(routes)}: {clients} clients {batch.wall:.2f} s, "
+                 f"direct {direct_s:.2f} s, upstream GETs {gets}, "
+                 f"{dict(sorted(statuses.items()))}, sha512 ok {verified}")
+    return results
+
+
+def _check_storm(checks: Checks, batch: Batch, size: int, gets: int, committed: int,
+                 verified: int, verify: int) -> None:
+    check_batch(checks, "storm: every client got the whole image", batch, size)
+    checks.expect("storm: exactly one upstream data GET", gets == 1, f"{gets} GETs")
+    checks.expect("storm: one fill committed", committed == 1, f"{committed} committed")
+    checks.expect("storm: checked bodies match sha512", verified == verify,
+                  f"{verified} of {verify} matched")
+    misses = sum(1 for d in batch.downloads if d.cache_status == "MISS")
+    checks.expect("storm: one MISS, the rest COALESCED or HIT", misses == 1 and all(
+        d.cache_status in ("MISS", "COALESCED", "HIT") for d in batch.downloads),
+        str(Counter(d.cache_status for d in batch.downloads)))

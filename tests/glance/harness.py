@@ -1,0 +1,271 @@
+"""Run a real glance-api (installed from PyPI by setup-venv.sh) on loopback for tests.
+
+Standard library only: the tests run in the project's venv, Glance runs in its own
+(see tests/glance/setup-venv.sh). Everything here blocks; use it from synchronous fixtures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+DEFAULT_VENV = pathlib.Path.home() / ".cache" / "imgcache" / "glance-venv"
+
+# File store and sqlite under the state dir, no keystone (paste flavor unset: no auth).
+CONFIG_TEMPLATE = """\
+[DEFAULT]
+bind_host = 127.0.0.1
+enabled_backends = fs:file
+log_file = {state}/glance-api.log
+[database]
+connection = sqlite:///{state}/glance.sqlite
+[glance_store]
+default_backend = fs
+[fs]
+filesystem_store_datadir = {state}/images/
+[os_glance_staging_store]
+filesystem_store_datadir = {state}/staging/
+[os_glance_tasks_store]
+filesystem_store_datadir = {state}/tasks/
+[oslo_concurrency]
+lock_path = {state}/locks
+[paste_deploy]
+config_file = {state}/glance-api-paste.ini
+[oslo_policy]
+enforce_new_defaults = False
+enforce_scope = False
+"""
+
+# Variables that would make Glance's python pick up the project's venv.
+_FOREIGN_ENV = ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")
+
+
+def glance_venv() -> pathlib.Path:
+    """Return the Glance venv (GLANCE_TEST_VENV or the default); raise if it is missing."""
+    venv = pathlib.Path(os.environ.get("GLANCE_TEST_VENV") or DEFAULT_VENV)
+    needed = [venv / "bin" / name for name in ("python", "gunicorn", "glance-manage")]
+    missing = [str(p) for p in needed if not p.exists()]
+    if missing:
+        raise RuntimeError(
+            f"no usable glance venv at {venv} (missing {', '.join(missing)}): "
+            "run tests/glance/setup-venv.sh"
+        )
+    return venv
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago (bind to port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def tail(path: pathlib.Path, lines: int = 40) -> str:
+    """Return the last lines of a text file, or a note that it does not exist."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return f"({path} does not exist)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def stop_process(proc: subprocess.Popen[Any], grace: float = 10) -> None:
+    """SIGTERM a process started with start_new_session=True, then kill its group after grace."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
+    # Kill whatever is left of its process group (gunicorn workers, say), then reap it.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+class RealGlance:
+    """A real glance-api (file store, sqlite, no keystone) running under gunicorn on loopback."""
+
+    def __init__(self, state_dir: pathlib.Path, venv: pathlib.Path | None = None) -> None:
+        self.state_dir = pathlib.Path(state_dir)
+        self.venv = venv if venv is not None else glance_venv()
+        self.venv_python = self.venv / "bin" / "python"
+        self.port = 0
+        self.url = ""
+        self.access_log = self.state_dir / "access.log"
+        self.server_log = self.state_dir / "gunicorn.log"
+        self.glance_log = self.state_dir / "glance-api.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> RealGlance:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_ENV}
+        env["OS_GLANCE_CONFIG_DIR"] = str(self.state_dir)
+        env["PYTHONWARNINGS"] = "ignore::DeprecationWarning"  # eventlet's, on every import
+        env["PATH"] = f"{self.venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+        return env
+
+    def _write_config(self) -> pathlib.Path:
+        for sub in ("images", "staging", "tasks", "locks"):
+            (self.state_dir / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copy(
+            self.venv / "etc" / "glance" / "glance-api-paste.ini",
+            self.state_dir / "glance-api-paste.ini",
+        )
+        conf = self.state_dir / "glance-api.conf"
+        conf.write_text(CONFIG_TEMPLATE.format(state=self.state_dir))
+        return conf
+
+    def _logs(self) -> str:
+        return "\n".join(f"--- {log}:\n{tail(log)}" for log in (self.server_log, self.glance_log))
+
+    def start(self, timeout: float = 90) -> None:
+        """Configure, migrate the database and start gunicorn; return once Glance answers."""
+        if self._proc is not None:
+            raise RuntimeError("glance is already running")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        conf = self._write_config()
+        sync = subprocess.run(
+            [self.venv / "bin" / "glance-manage", "--config-file", conf, "db_sync"],
+            env=self._env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if sync.returncode != 0:
+            out = "\n".join((sync.stdout + sync.stderr).splitlines()[-40:])
+            raise RuntimeError(f"glance-manage db_sync failed ({sync.returncode}):\n{out}")
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        # fmt: off
+        cmd = [
+            self.venv / "bin" / "gunicorn",
+            "--bind", f"127.0.0.1:{self.port}",
+            "--workers", "2",
+            "--timeout", "300",
+            "--no-control-socket",
+            "--access-logfile", self.access_log,
+            "glance.wsgi.api:application",
+        ]
+        # fmt: on
+        with self.server_log.open("ab") as log:
+            self._proc = subprocess.Popen(
+                cmd,
+                cwd=self.state_dir,
+                env=self._env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._proc.poll() is not None:
+                code = self._proc.returncode
+                self.stop()
+                raise RuntimeError(f"glance-api exited with {code} while starting:\n{self._logs()}")
+            if self._answers():
+                return
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(
+                    f"glance-api did not answer on {self.url} within {timeout} s:\n{self._logs()}"
+                )
+            time.sleep(0.2)
+
+    def _answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/versions", timeout=2) as resp:
+                return bool(resp.status < 500)
+        except urllib.error.HTTPError as err:
+            return err.code < 500
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """Stop gunicorn and its workers (SIGTERM, then SIGKILL after 10 s); idempotent."""
+        if self._proc is not None:
+            stop_process(self._proc)
+            self._proc = None
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        expect: tuple[int, ...] = (200,),
+    ) -> bytes:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.close()
+        if resp.status not in expect:
+            text = data[:500].decode(errors="replace")
+            raise RuntimeError(f"{method} {path} answered {resp.status}: {text}")
+        return data
+
+    def image(self, image_id: str) -> dict[str, Any]:
+        """Return an image's metadata (GET /v2/images/{id})."""
+        result: dict[str, Any] = json.loads(self._request("GET", f"/v2/images/{image_id}"))
+        return result
+
+    def create_image(self, data_path: pathlib.Path, name: str = "test") -> dict[str, Any]:
+        """Create a private raw/bare image, upload the file streamed, return its active metadata."""
+        # Without keystone only an admin could make it public: keep the default (private/shared).
+        created = json.loads(
+            self._request(
+                "POST",
+                "/v2/images",
+                body=json.dumps({"name": name, "disk_format": "raw", "container_format": "bare"}),
+                headers={"Content-Type": "application/json"},
+                expect=(201,),
+            )
+        )
+        image_id = created["id"]
+        size = pathlib.Path(data_path).stat().st_size
+        with open(data_path, "rb") as fh:  # http.client streams a file body in blocks
+            self._request(
+                "PUT",
+                f"/v2/images/{image_id}/file",
+                body=fh,
+                headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+                expect=(204,),
+            )
+        meta = self.image(image_id)
+        if meta.get("status") != "active" or not meta.get("os_hash_value"):
+            raise RuntimeError(f"image {image_id} is not active with a hash after upload: {meta}")
+        return meta
+
+    def access_lines(self) -> Iterator[str]:
+        """Yield the lines of gunicorn's access log so far."""
+        if self.access_log.exists():
+            yield from self.access_log.read_text(errors="replace").splitlines()
+
+    def data_gets(self, image_id: str) -> int:
+        """Count the data downloads of an image (its GET /v2/images/{id}/file access lines)."""
+        needle = f'"GET /v2/images/{image_id}/file '
+        return sum(needle in line for line in self.access_lines())

@@ -1,0 +1,122 @@
+"""Real imgcache and stand-in processes for tests about processes: memory, syscalls, exits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+IMGCACHE = str(Path(sys.executable).with_name("imgcache"))
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float = 20) -> None:
+    """Wait until ``url`` answers with any HTTP status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+class StandinProcess:
+    """``python -m imgcache.standin`` with one generated image."""
+
+    def __init__(self, data_dir: Path, image_size: str) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "imgcache.standin", "--port", str(self.port),
+             "--data-dir", str(data_dir), "--image-size", image_size],
+            stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        info = json.loads(self.proc.stdout.readline())
+        self.url: str = info["url"]
+        self.image_id: str = info["image_id"]
+        self.size: int = info["size"]
+
+    def stop(self) -> None:
+        """Stop the process."""
+        stop_process(self.proc)
+
+
+class ImgcacheProcess:
+    """``imgcache serve`` as a real process."""
+
+    def __init__(self, upstream: str, cache_dir: Path, max_size: str = "2G",
+                 extra: tuple[str, ...] = ()) -> None:
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IMGCACHE_")}
+        self.proc = subprocess.Popen(
+            [IMGCACHE, "serve", "--listen", f"127.0.0.1:{self.port}",
+             "--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--upstream", upstream,
+             "--cache-dir", str(cache_dir), "--max-size", max_size, *extra],
+            env=env, stderr=subprocess.PIPE, text=True)
+        wait_for_http(self.metrics_url + "/healthz")
+        wait_for_http(self.url + "/")
+
+    @property
+    def pid(self) -> int:
+        """The server's process id."""
+        return self.proc.pid
+
+    def metric(self, sample: str) -> float:
+        """One sample of /metrics, e.g. ``imgcache_fills_total{outcome="committed"}``."""
+        with urllib.request.urlopen(self.metrics_url + "/metrics") as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith(sample + " "):
+                    return float(line.split()[-1])
+        raise KeyError(sample)
+
+    def wait_for_metric(self, sample: str, value: float, timeout: float = 30) -> None:
+        """Wait until a sample reaches ``value``."""
+        deadline = time.monotonic() + timeout
+        while self.metric(sample) < value:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{sample} stayed below {value}")
+            time.sleep(0.05)
+
+    def peak_rss(self) -> int:
+        """The process's peak resident memory (VmHWM) in bytes."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmHWM in /proc status")
+
+    def stop(self) -> str:
+        """Stop the server; return what it wrote on stderr."""
+        stop_process(self.proc)
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read()
+
+
+def stop_process(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM, then SIGKILL after 10 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
