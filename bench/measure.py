@@ -8,9 +8,11 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from curls import Batch, Download, download, run_batch
 from glance_nginx import Nginx, Route
@@ -69,25 +71,29 @@ class HitResults:
 
 
 @dataclass
-class StormRep:
-    """One cold storm (a fresh image id) and the direct download it is compared with."""
+class ColdRep:
+    """One repetition of the cold measurements, each on an image id imgcache has not seen,
+    with the direct downloads from the Glance stand-in they are compared with."""
 
-    wall: float
-    direct: float
-    ttfbs: list[float]
-    upstream_gets: int
-    committed: int
+    storm_wall: float  # seconds until all storm clients finished
+    ttfbs: list[float]  # each storm client's time to first byte
+    upstream_gets: int  # data GETs that reached the stand-in for the storm's id
+    committed: int  # fills committed by imgcache for the storm (must be 1)
+    commit_lag: float  # seconds from the storm's end until its fill had committed
     cache_statuses: Counter[str]
-    verified: int  # bodies whose sha512 matched
+    verified: int  # storm bodies whose sha512 matched
+    miss_total: float  # one lone client's cold MISS, seconds
+    direct_1: float  # one direct download, seconds
+    direct_n_wall: float  # as many direct downloads as storm clients, at once: wall seconds
 
 
 @dataclass
-class StormResults:
-    """All storm repetitions."""
+class ColdResults:
+    """All repetitions of the cold measurements."""
 
     size: int
     clients: int
-    reps: list[StormRep] = field(default_factory=list)
+    reps: list[ColdRep] = field(default_factory=list)
 
 
 def progress(message: str) -> None:
@@ -127,8 +133,12 @@ def prime_hit(bench: Bench, route: Route) -> None:
     """Fill imgcache with the hit image (one MISS, then one HIT) and warm nginx's copy."""
     size = route.image.size
     url = data_url(bench.imgcache.url, route.image_id)
+    committed_before = bench.imgcache.committed_fills()
     check_download(bench.checks, "hit image: first GET is a MISS",
                    download(bench.procs, url), size, "MISS")
+    committed, _ = bench.imgcache.wait_committed(committed_before + 1)
+    bench.checks.expect("hit image: fill committed", committed == committed_before + 1,
+                        f"{committed - committed_before} committed")
     check_download(bench.checks, "hit image: second GET is a HIT",
                    download(bench.procs, url), size, "HIT")
     gets = wait_for_gets(bench.nginx, route.image_id)
@@ -181,30 +191,54 @@ def wait_for_gets(nginx: Nginx, image_id: str, timeout: float = 5.0) -> int:
     return nginx.data_gets(image_id)
 
 
-def direct_download(bench: Bench, route: Route) -> float:
-    """Seconds for one curl to download the image straight from the Glance stand-in."""
+def direct_batch(bench: Bench, route: Route, clients: int) -> Batch:
+    """``clients`` curls at once straight from the Glance stand-in (no imgcache)."""
     settle()
-    got = download(bench.procs, data_url(bench.nginx.glance_url, route.image_id))
-    check_download(bench.checks, "storm baseline: direct download complete", got,
-                   route.image.size)
-    return got.total
+    batch = run_batch(bench.procs, data_url(bench.nginx.glance_url, route.image_id),
+                      ["/dev/null"] * clients)
+    check_batch(bench.checks, f"direct from nginx, {clients} at once: complete", batch,
+                route.image.size)
+    return batch
 
 
-def storm_once(bench: Bench, route: Route, clients: int,
-               verify: int) -> tuple[Batch, int, int, int]:
-    """``clients`` curls at once for an image imgcache has never seen; the first and last
-    ``verify // 2``-ish clients save their bodies for a sha512 check. Returns the batch,
-    upstream data GETs, fills committed and bodies verified."""
+@dataclass
+class _Storm:
+    batch: Batch
+    gets: int
+    committed: int
+    commit_lag: float
+    verified: int
+
+
+def storm_once(bench: Bench, route: Route, clients: int, verify: int) -> _Storm:
+    """``clients`` curls at once for an image imgcache has never seen; ``verify`` of them
+    (the first and last started) save their bodies for a sha512 check. Waits for the fill
+    to commit before returning."""
     settle()
     committed_before = bench.imgcache.committed_fills()
     saved = _verified_indices(clients, verify)
     outputs = [str(bench.scratch / f"body-{i}") if i in saved else "/dev/null"
                for i in range(clients)]
     batch = run_batch(bench.procs, data_url(bench.imgcache.url, route.image_id), outputs)
+    committed, lag = bench.imgcache.wait_committed(committed_before + 1)
     gets = wait_for_gets(bench.nginx, route.image_id)
-    committed = bench.imgcache.committed_fills() - committed_before
     verified = _verify_bodies([Path(outputs[i]) for i in sorted(saved)], route.image.sha512)
-    return batch, gets, committed, verified
+    return _Storm(batch, gets, committed - committed_before, lag, verified)
+
+
+def cold_miss(bench: Bench, route: Route) -> Download:
+    """One lone client asking imgcache for an image it has never seen (a MISS); waits for
+    the fill to commit before returning."""
+    settle()
+    committed_before = bench.imgcache.committed_fills()
+    got = download(bench.procs, data_url(bench.imgcache.url, route.image_id))
+    check_download(bench.checks, "cold, 1 client: a complete MISS", got, route.image.size,
+                   "MISS")
+    committed, _ = bench.imgcache.wait_committed(committed_before + 1)
+    bench.checks.expect("cold, 1 client: one fill committed",
+                        committed == committed_before + 1,
+                        f"{committed - committed_before} committed")
+    return got
 
 
 def _verified_indices(clients: int, verify: int) -> set[int]:
@@ -228,39 +262,64 @@ def _digest_or_none(path: Path) -> str | None:
     return file_sha512(path) if path.exists() else None
 
 
-def measure_storm(bench: Bench, routes: list[Route], direct: Route, clients: int,
-                  verify: int) -> StormResults:
-    """One storm per route (each a fresh id for the same bytes), each paired with a direct
-    download of those bytes from the Glance stand-in; the order alternates."""
-    size = direct.image.size
-    results = StormResults(size=size, clients=clients)
-    for rep, route in enumerate(routes):
-        direct_first = rep % 2 == 0
-        direct_s = direct_download(bench, direct) if direct_first else 0.0
-        batch, gets, committed, verified = storm_once(bench, route, clients, verify)
-        if not direct_first:
-            direct_s = direct_download(bench, direct)
-        _check_storm(bench.checks, batch, size, gets, committed, verified,
-                     min(verify, clients))
-        statuses = Counter(d.cache_status or "-" for d in batch.downloads)
-        results.reps.append(StormRep(
-            wall=batch.wall, direct=direct_s, ttfbs=[d.ttfb for d in batch.downloads],
-            upstream_gets=gets, committed=committed, cache_statuses=statuses,
-            verified=verified))
-        progress(f"storm rep {rep + 1}/{len(routes)}: {clients} clients {batch.wall:.2f} s, "
-                 f"direct {direct_s:.2f} s, upstream GETs {gets}, "
-                 f"{dict(sorted(statuses.items()))}, sha512 ok {verified}")
+def direct_one(bench: Bench, route: Route) -> Download:
+    """One curl straight from the Glance stand-in (no imgcache)."""
+    settle()
+    got = download(bench.procs, data_url(bench.nginx.glance_url, route.image_id))
+    check_download(bench.checks, "direct from nginx, 1 client: complete", got,
+                   route.image.size)
+    return got
+
+
+def measure_cold(bench: Bench, storms: list[Route], singles: list[Route], direct: Route,
+                 clients: int, verify: int) -> ColdResults:
+    """Per repetition: a storm of ``clients`` on a fresh id, one lone cold MISS on another
+    fresh id, and their baselines from the Glance stand-in (one download; ``clients``
+    downloads at once); the order reverses every other repetition. All ids expose the same
+    file, so every figure is about the same bytes."""
+    results = ColdResults(size=direct.image.size, clients=clients)
+    for rep, (storm_route, single_route) in enumerate(zip(storms, singles, strict=True)):
+        steps: list[Callable[[], Any]] = [
+            lambda: direct_one(bench, direct),
+            lambda: direct_batch(bench, direct, clients),
+            lambda r=storm_route: storm_once(bench, r, clients, verify),
+            lambda r=single_route: cold_miss(bench, r),
+        ]
+        if rep % 2:
+            steps.reverse()
+        figures = [step() for step in steps]
+        if rep % 2:
+            figures.reverse()
+        direct_1, direct_n, storm, miss = figures
+        _check_storm(bench.checks, storm, results.size, min(verify, clients))
+        results.reps.append(ColdRep(
+            storm_wall=storm.batch.wall, ttfbs=[d.ttfb for d in storm.batch.downloads],
+            upstream_gets=storm.gets, committed=storm.committed, commit_lag=storm.commit_lag,
+            cache_statuses=Counter(d.cache_status or "-" for d in storm.batch.downloads),
+            verified=storm.verified, miss_total=miss.total, direct_1=direct_1.total,
+            direct_n_wall=direct_n.wall))
+        _report_cold(results.reps[-1], rep, len(storms), clients)
     return results
 
 
-def _check_storm(checks: Checks, batch: Batch, size: int, gets: int, committed: int,
-                 verified: int, verify: int) -> None:
-    check_batch(checks, "storm: every client got the whole image", batch, size)
-    checks.expect("storm: exactly one upstream data GET", gets == 1, f"{gets} GETs")
-    checks.expect("storm: one fill committed", committed == 1, f"{committed} committed")
-    checks.expect("storm: checked bodies match sha512", verified == verify,
-                  f"{verified} of {verify} matched")
-    misses = sum(1 for d in batch.downloads if d.cache_status == "MISS")
+def _report_cold(rep: ColdRep, index: int, reps: int, clients: int) -> None:
+    progress(f"cold rep {index + 1}/{reps}: storm of {clients} {rep.storm_wall:.2f} s "
+             f"(direct: 1 client {rep.direct_1:.2f} s, {clients} at once "
+             f"{rep.direct_n_wall:.2f} s), lone MISS {rep.miss_total:.2f} s, upstream GETs "
+             f"{rep.upstream_gets}, {dict(sorted(rep.cache_statuses.items()))}, "
+             f"sha512 ok {rep.verified}, commit {rep.commit_lag:.2f} s after the storm")
+
+
+def _check_storm(checks: Checks, storm: _Storm, size: int, verify: int) -> None:
+    downloads = storm.batch.downloads
+    check_batch(checks, "storm: every client got the whole image", storm.batch, size)
+    checks.expect("storm: exactly one upstream data GET", storm.gets == 1,
+                  f"{storm.gets} GETs")
+    checks.expect("storm: one fill committed", storm.committed == 1,
+                  f"{storm.committed} committed")
+    checks.expect("storm: checked bodies match sha512", storm.verified == verify,
+                  f"{storm.verified} of {verify} matched")
+    misses = sum(1 for d in downloads if d.cache_status == "MISS")
     checks.expect("storm: one MISS, the rest COALESCED or HIT", misses == 1 and all(
-        d.cache_status in ("MISS", "COALESCED", "HIT") for d in batch.downloads),
-        str(Counter(d.cache_status for d in batch.downloads)))
+        d.cache_status in ("MISS", "COALESCED", "HIT") for d in downloads),
+        str(Counter(d.cache_status for d in downloads)))

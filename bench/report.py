@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from images import human_size
-from measure import IMGCACHE, NGINX, Checks, HitResults, StormResults
+from measure import IMGCACHE, NGINX, Checks, ColdResults, HitResults
 from procs import run_text
 
 
@@ -24,8 +24,7 @@ def machine_details(nginx_binary: str, repo: Path) -> list[tuple[str, str]]:
         ("kernel", platform.release()),
         ("python", sys.version.split()[0]),
         ("nginx", run_text([nginx_binary, "-v"]).removeprefix("nginx version: ")),
-        ("curl", run_text(["curl", "--version"]).splitlines()[0] if run_text(
-            ["curl", "--version"]) else "?"),
+        ("curl", (run_text(["curl", "--version"]) or "?").splitlines()[0]),
         ("imgcache commit", run_text(["git", "-C", str(repo), "describe", "--always",
                                       "--dirty"]) or "?"),
     ]
@@ -77,26 +76,33 @@ def hit_rows(hits: HitResults) -> list[list[str]]:
     ]
 
 
-def storm_rows(storm: StormResults) -> list[list[str]]:
-    """Table rows for the cold-storm measurements."""
-    walls = [r.wall for r in storm.reps]
-    directs = [r.direct for r in storm.reps]
-    wall, direct = _median(walls), _median(directs)
-    ttfb_med = _median([_median(r.ttfbs) for r in storm.reps])
-    ttfb_max = _median([max(r.ttfbs) for r in storm.reps])
-    delivered = storm.clients * storm.size / 1e6 / wall
-    gets = ", ".join(str(r.upstream_gets) for r in storm.reps)
-    size = human_size(storm.size)
+def cold_rows(cold: ColdResults) -> list[list[str]]:
+    """Table rows for the cold measurements (storm and lone MISS)."""
+    reps, n, size = cold.reps, cold.clients, human_size(cold.size)
+    wall = _median([r.storm_wall for r in reps])
+    direct_1 = _median([r.direct_1 for r in reps])
+    direct_n = _median([r.direct_n_wall for r in reps])
+    miss = _median([r.miss_total for r in reps])
+    ttfb_med = _median([_median(r.ttfbs) for r in reps])
+    ttfb_max = _median([max(r.ttfbs) for r in reps])
+    lag = _median([r.commit_lag for r in reps])
+    mb = cold.size / 1e6
     return [
-        [f"Cold storm, {storm.clients} clients, {size}: wall s until all finish",
-         f"{wall:.2f}", f"1 direct download {direct:.2f}", f"**{wall / direct:.2f}**",
-         "lower"],
+        [f"Cold storm, {n} clients, {size}: wall s until all finish",
+         f"{wall:.2f}", f"1 direct download from nginx {direct_1:.2f}",
+         f"**{wall / direct_1:.2f}**", "lower"],
+        [f"Cold storm, {n} clients: wall s (vs {n} direct downloads at once)",
+         f"{wall:.2f}", f"{n} at once from nginx {direct_n:.2f}",
+         f"**{wall / direct_n:.2f}**", "lower"],
         ["Cold storm: client time to first byte, median / max s",
          f"{ttfb_med:.3f} / {ttfb_max:.3f}", "", "", "lower"],
-        ["Cold storm: MB/s delivered to all clients together", f"{delivered:.0f}",
-         f"direct {storm.size / 1e6 / direct:.0f}", f"{delivered * direct / storm.size * 1e6:.2f}",
-         "higher"],
-        ["Cold storm: upstream data GETs per storm (must be 1)", gets, "", "", ""],
+        [f"Cold storm: upstream data GETs per storm (must be 1; {len(reps)} storms)",
+         ", ".join(str(r.upstream_gets) for r in reps), "", "", ""],
+        ["Cold storm: fill committed (fdatasync, rename) s after the last client finished",
+         f"{lag:.2f}", "", "", ""],
+        [f"Cold, 1 client (MISS), {size}: MB/s", f"{mb / miss:.0f}",
+         f"1 direct download from nginx {mb / direct_1:.0f}",
+         f"**{direct_1 / miss:.2f}**", "higher"],
     ]
 
 
@@ -115,7 +121,7 @@ def _checks_section(checks: Checks) -> str:
     return _table(["check", "count", "result"], rows)
 
 
-def _samples_section(hits: HitResults | None, storm: StormResults | None) -> str:
+def _samples_section(hits: HitResults | None, cold: ColdResults | None) -> str:
     lines = []
     if hits:
         for name in (IMGCACHE, NGINX):
@@ -124,21 +130,26 @@ def _samples_section(hits: HitResults | None, storm: StormResults | None) -> str
         for name in (IMGCACHE, NGINX):
             lines.append(f"- hit {hits.clients} clients, {name}, wall s: "
                          f"{_spread(hits.concurrent_wall[name], '.2f')}")
-    if storm:
-        lines.append(f"- storm wall s: {_spread([r.wall for r in storm.reps], '.2f')}")
-        lines.append(f"- direct download s: {_spread([r.direct for r in storm.reps], '.2f')}")
-        lines.append("- storm TTFB max s: "
-                     f"{_spread([max(r.ttfbs) for r in storm.reps], '.3f')}")
-        lines.append("- storm X-Cache-Status: " + "; ".join(
-            ", ".join(f"{k} {v}" for k, v in sorted(r.cache_statuses.items()))
-            for r in storm.reps))
+    if cold:
+        reps, n = cold.reps, cold.clients
+        lines += [
+            f"- cold storm of {n}, wall s: {_spread([r.storm_wall for r in reps], '.2f')}",
+            f"- direct 1 client, s: {_spread([r.direct_1 for r in reps], '.2f')}",
+            f"- direct {n} at once, wall s: {_spread([r.direct_n_wall for r in reps], '.2f')}",
+            f"- cold lone MISS, s: {_spread([r.miss_total for r in reps], '.2f')}",
+            f"- storm TTFB max s: {_spread([max(r.ttfbs) for r in reps], '.3f')}",
+            f"- storm commit lag s: {_spread([r.commit_lag for r in reps], '.2f')}",
+            "- storm X-Cache-Status: " + "; ".join(
+                ", ".join(f"{k} {v}" for k, v in sorted(r.cache_statuses.items()))
+                for r in reps),
+        ]
     return "\n".join(lines)
 
 
-def render(hits: HitResults | None, storm: StormResults | None, checks: Checks,
+def render(hits: HitResults | None, cold: ColdResults | None, checks: Checks,
            machine: list[tuple[str, str]], reps: int, command: str) -> str:
     """The whole markdown report."""
-    rows = (hit_rows(hits) if hits else []) + (storm_rows(storm) if storm else [])
+    rows = (hit_rows(hits) if hits else []) + (cold_rows(cold) if cold else [])
     verdict = "all checks passed" if not checks.failed else "**SOME CHECKS FAILED**"
     parts = [
         "# imgcache benchmark",
@@ -155,7 +166,7 @@ def render(hits: HitResults | None, storm: StormResults | None, checks: Checks,
         "",
         "## Samples (in run order)",
         "",
-        _samples_section(hits, storm),
+        _samples_section(hits, cold),
         "",
         "## Machine",
         "",

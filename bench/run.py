@@ -24,7 +24,7 @@ from types import FrameType
 from glance_nginx import Nginx, Route, find_or_install_nginx
 from images import ensure_image, human_size, parse_size
 from imgcache_server import Imgcache, imgcache_binary
-from measure import Bench, Checks, measure_hits, measure_storm, prime_hit, progress
+from measure import Bench, Checks, measure_cold, measure_hits, prime_hit, progress
 from procs import Processes, run_text
 from report import machine_details, render
 
@@ -44,13 +44,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reps", type=int, help="repetitions per measurement (5; quick 3)")
     parser.add_argument("--size", type=parse_size, help="hit image size (1G; quick 256M)")
     parser.add_argument("--storm-size", type=parse_size,
-                        help="cold-storm image size (1G; quick 256M)")
+                        help="image size of the cold measurements (1G; quick 256M)")
     parser.add_argument("--clients", type=int, default=8, help="concurrent hit clients (8)")
     parser.add_argument("--storm-clients", type=int, default=16,
                         help="clients per cold storm (16)")
     parser.add_argument("--verify", type=int, default=2,
                         help="storm clients per repetition whose body is sha512-checked (2)")
-    parser.add_argument("--only", choices=("hits", "storm"), help="run one measurement only")
+    parser.add_argument("--only", choices=("hits", "cold"), help="run one measurement only")
     parser.add_argument("--output", type=Path, default=RESULTS,
                         help="where the report is written (bench/results/latest.md)")
     parser.add_argument("--keep-work", action="store_true",
@@ -143,9 +143,9 @@ def check_disk(need: int) -> None:
                            f"{human_size(need)} (imgcache's cache); try --quick")
 
 
-def new_routes(args: argparse.Namespace) -> tuple[Route, list[Route], Route]:
-    """The hit image's route, one fresh id per storm repetition, and the direct-download id
-    (all storm ids expose the same file)."""
+def new_routes(args: argparse.Namespace) -> tuple[Route, list[Route], list[Route], Route]:
+    """The hit image's route; per repetition a fresh id for the storm and one for the lone
+    cold MISS; the id of direct downloads (all but the first expose the same file)."""
     images = WORK / "images"
     progress(f"images: {human_size(args.size)} and {human_size(args.storm_size)} "
              f"(generated once, kept in {images})")
@@ -153,7 +153,8 @@ def new_routes(args: argparse.Namespace) -> tuple[Route, list[Route], Route]:
     storm_image = ensure_image(args.storm_size, images)
     hit = Route(str(uuid.uuid4()), hit_image)
     storms = [Route(str(uuid.uuid4()), storm_image) for _ in range(args.reps)]
-    return hit, storms, Route(str(uuid.uuid4()), storm_image)
+    singles = [Route(str(uuid.uuid4()), storm_image) for _ in range(args.reps)]
+    return hit, storms, singles, Route(str(uuid.uuid4()), storm_image)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -162,9 +163,10 @@ def run(args: argparse.Namespace) -> int:
     check_curl()
     WORK.mkdir(parents=True, exist_ok=True)
     sweep_stale_runs()
-    hit, storms, direct = new_routes(args)
-    do_hits, do_storm = args.only in (None, "hits"), args.only in (None, "storm")
-    cache_need = (args.size if do_hits else 0) + (args.storm_size * args.reps if do_storm else 0)
+    hit, storms, singles, direct = new_routes(args)
+    do_hits, do_cold = args.only in (None, "hits"), args.only in (None, "cold")
+    cache_need = (args.size if do_hits else 0) + (2 * args.storm_size * args.reps
+                                                  if do_cold else 0)
     check_disk(cache_need + (256 << 20))
     checks = Checks()
     procs = Processes()
@@ -177,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
             temp_dir(scratch_parent(run_dir, need), "imgcache-bench-"))
         stack.callback(procs.close)
         stack.callback(_ignore_interrupts)
-        nginx = Nginx(nginx_binary, run_dir / "nginx", [hit, *storms, direct], [hit], procs)
+        nginx = Nginx(nginx_binary, run_dir / "nginx", [hit, *storms, *singles, direct],
+                      [hit], procs)
         nginx.start()
         imgcache = Imgcache(procs, run_dir, nginx.glance_url,
                             max_size=cache_need + (64 << 20))
@@ -186,17 +189,18 @@ def run(args: argparse.Namespace) -> int:
                  f"imgcache {imgcache.url} pid {imgcache.pid()}, work dir {run_dir}")
         bench = Bench(procs, nginx, imgcache, scratch, checks)
         try:
-            hits = storm = None
+            hits = cold = None
             if do_hits:
                 prime_hit(bench, hit)
                 hits = measure_hits(bench, hit, args.reps, args.clients)
-            if do_storm:
-                storm = measure_storm(bench, storms, direct, args.storm_clients, args.verify)
+            if do_cold:
+                cold = measure_cold(bench, storms, singles, direct, args.storm_clients,
+                                    args.verify)
         except BaseException:
             _show_log(imgcache.log)
             raise
         command = "python bench/run.py " + shlex.join(sys.argv[1:])
-        text = render(hits, storm, checks, machine_details(nginx_binary, REPO), args.reps,
+        text = render(hits, cold, checks, machine_details(nginx_binary, REPO), args.reps,
                       command.strip())
     print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,6 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
         await store.open()
         await upstream.start()
         services = Services(
-            settings_ttl=settings.decision_ttl,
             upstream=upstream,
             authorizer=Authorizer(upstream, settings.decision_ttl, metrics),
             store=store,

@@ -7,7 +7,7 @@ import os
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -32,14 +32,12 @@ REQUEST_ID_HEADER = "X-OpenStack-Request-ID"
 class Services:
     """What the handlers use; built and closed by ``app``."""
 
-    settings_ttl: float
     upstream: Upstream
     authorizer: Authorizer
     store: Store
     fills: FillRegistry
     sender: ZeroCopySender
     metrics: Metrics
-    draining: bool = field(default=False)
 
 
 SERVICES = web.AppKey("services", Services)
@@ -131,6 +129,9 @@ class ImageDataRequest:
                      self.request_id, self.raw_id[:64], self.result.upper(), self.status,
                      self.sent, time.monotonic() - started)
 
+    def _count_sent(self, count: int) -> None:
+        self.sent += count
+
     async def _serve(self) -> web.StreamResponse:
         image_id = parse_image_id(self.raw_id)
         try:
@@ -188,9 +189,10 @@ class ImageDataRequest:
         try:
             await response.prepare(self.request)
             if fill is None:
-                self.sent = await sender.send_file(self.request, fd, start, end)
+                await sender.send_file(self.request, fd, start, end, self._count_sent)
             else:
-                self.sent = await sender.send_growing(self.request, fd, start, end, fill)
+                await sender.send_growing(self.request, fd, start, end, fill,
+                                          self._count_sent)
         except FillFailed as exc:
             log.warning("request %s: fill of image %s failed (%s); aborting the client "
                         "connection so it cannot take a partial image for a whole one",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
@@ -30,19 +31,21 @@ class ZeroCopySender:
     def __init__(self, threads: ThreadPoolExecutor) -> None:
         self._threads = threads
 
-    async def send_file(self, request: web.Request, fd: int, start: int, end: int) -> int:
-        """Send bytes ``start``..``end`` of a complete file; return bytes sent."""
-        return await self._send(request, fd, start, end, None)
+    async def send_file(self, request: web.Request, fd: int, start: int, end: int,
+                        on_sent: Callable[[int], None]) -> None:
+        """Send bytes ``start``..``end`` of a complete file, calling ``on_sent`` with the
+        count of each piece that left."""
+        await self._send(request, fd, start, end, None, on_sent)
 
     async def send_growing(self, request: web.Request, fd: int, start: int, end: int,
-                           fill: Fill) -> int:
+                           fill: Fill, on_sent: Callable[[int], None]) -> None:
         """Send bytes ``start``..``end`` of a file that ``fill`` is still writing, each as
         soon as it is on disk, the last ones only once the fill is verified. Raises
         FillFailed (after sending what was allowed) if the fill fails."""
-        return await self._send(request, fd, start, end, fill)
+        await self._send(request, fd, start, end, fill, on_sent)
 
     async def _send(self, request: web.Request, fd: int, start: int, end: int,
-                    fill: Fill | None) -> int:
+                    fill: Fill | None, on_sent: Callable[[int], None]) -> None:
         loop = asyncio.get_running_loop()
         transport = request.transport
         sock = transport.get_extra_info("socket") if transport is not None else None
@@ -63,9 +66,9 @@ class ZeroCopySender:
                 sent, blocked = await loop.run_in_executor(
                     self._threads, _sendfile_until_blocked, out_fd, fd, position, limit)
                 position += sent
+                on_sent(sent)
                 if blocked:
                     await _writable(loop, out_fd)
-            return position - start
         finally:
             os.close(out_fd)
 

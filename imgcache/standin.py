@@ -33,6 +33,8 @@ from typing import Any, BinaryIO, TypeVar
 
 from aiohttp import web
 
+from imgcache.config import parse_size
+
 CHUNK = 256 * 1024
 """Bytes per read, write, hash or send step: the unit that keeps memory bounded."""
 
@@ -736,15 +738,12 @@ class GlanceStandin:
 
 # -- running by hand -------------------------------------------------------------------------
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
 def _size(text: str) -> int:
-    """Parse a byte count with an optional binary unit: ``512``, ``64M``, ``2G``."""
-    match = re.fullmatch(r"(\d+)([KMGT]?)(?:i?B)?", text.strip(), re.IGNORECASE)
-    if match is None:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 64M or 2G)")
-    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+    """Parse ``--image-size`` like imgcache's own size options (``64M``, ``2G``)."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} ({exc})") from None
 
 
 async def _serve(args: argparse.Namespace) -> None:

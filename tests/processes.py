@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 IMGCACHE = str(Path(sys.executable).with_name("imgcache"))
 
@@ -46,7 +48,7 @@ class StandinProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "imgcache.standin", "--port", str(self.port),
              "--data-dir", str(data_dir), "--image-size", image_size],
-            stdout=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE, text=True, start_new_session=True)
         assert self.proc.stdout is not None
         info = json.loads(self.proc.stdout.readline())
         self.url: str = info["url"]
@@ -72,7 +74,7 @@ class ImgcacheProcess:
             [IMGCACHE, "serve", "--listen", f"127.0.0.1:{self.port}",
              "--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--upstream", upstream,
              "--cache-dir", str(cache_dir), "--max-size", max_size, *extra],
-            env=env, stderr=subprocess.PIPE, text=True)
+            env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
         wait_for_http(self.metrics_url + "/healthz")
         wait_for_http(self.url + "/")
 
@@ -111,12 +113,14 @@ class ImgcacheProcess:
         return self.proc.stderr.read()
 
 
-def stop_process(proc: subprocess.Popen[str]) -> None:
-    """SIGTERM, then SIGKILL after 10 s."""
+def stop_process(proc: subprocess.Popen[Any], grace: float = 10) -> None:
+    """SIGTERM a process started with start_new_session=True, then kill what is left of its
+    process group (gunicorn workers, say) after ``grace`` seconds."""
     if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -7,43 +7,20 @@ Glance venv's python, exactly as Nova would fetch an image.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
-import socket
 import subprocess
-import sys
-import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
-from types import ModuleType
 
 import pytest
+from processes import ImgcacheProcess
+from realglance import RealGlance
 
 pytestmark = pytest.mark.realglance
 
-GLANCE_DIR = pathlib.Path(__file__).parent / "glance"
-DOWNLOAD_PY = GLANCE_DIR / "download.py"
-
-
-def _load_harness() -> ModuleType:
-    """Import tests/glance/harness.py by path: tests/ is not a package."""
-    spec = importlib.util.spec_from_file_location(
-        "imgcache_glance_harness", GLANCE_DIR / "harness.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-harness = _load_harness()
-RealGlance = harness.RealGlance
-free_port, stop_process, tail = harness.free_port, harness.stop_process, harness.tail
+DOWNLOAD_PY = pathlib.Path(__file__).parent / "glance" / "download.py"
 MiB = 1024 * 1024
 
 
@@ -95,71 +72,15 @@ def test_direct_download_from_glance(glance: RealGlance, tmp_path: pathlib.Path)
     assert out.read_bytes() == src.read_bytes()
 
 
-@dataclass
-class Imgcache:
-    url: str
-    metrics_url: str
-    log: pathlib.Path
-
-
-def _tcp_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(1)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return bool(resp.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 @pytest.fixture
-def imgcache(glance: RealGlance, tmp_path: pathlib.Path) -> Iterator[Imgcache]:
-    script = pathlib.Path(sys.executable).with_name("imgcache")
-    if not script.exists():
-        pytest.fail(f"the imgcache console script is missing at {script}", pytrace=False)
-    port, metrics_port = free_port(), free_port()
-    log = tmp_path / "imgcache.log"
-    # fmt: off
-    cmd = [
-        script, "serve",
-        "--listen", f"127.0.0.1:{port}",
-        "--upstream", glance.url,
-        "--cache-dir", tmp_path / "cache",
-        "--max-size", "1G",
-        "--metrics-listen", f"127.0.0.1:{metrics_port}",
-    ]
-    # fmt: on
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        server = Imgcache(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}", log)
-        deadline = time.monotonic() + 30
-        while not (_tcp_open(port) and _healthy(f"{server.metrics_url}/healthz")):
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"imgcache exited with {proc.returncode} while starting:\n{tail(log)}",
-                    pytrace=False,
-                )
-            if time.monotonic() > deadline:
-                pytest.fail(f"imgcache did not become healthy in 30 s:\n{tail(log)}", pytrace=False)
-            time.sleep(0.1)
-        yield server
-    finally:
-        stop_process(proc)
+def imgcache(glance: RealGlance, tmp_path: pathlib.Path) -> Iterator[ImgcacheProcess]:
+    server = ImgcacheProcess(glance.url, tmp_path / "cache", max_size="1G")
+    yield server
+    server.stop()
 
 
 def test_download_through_imgcache(
-    glance: RealGlance, imgcache: Imgcache, tmp_path: pathlib.Path
+    glance: RealGlance, imgcache: ImgcacheProcess, tmp_path: pathlib.Path
 ) -> None:
     src = random_file(tmp_path / "image.raw", 24 * MiB)
     image_id = glance.create_image(src, name="through-imgcache")["id"]

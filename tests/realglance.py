@@ -6,20 +6,19 @@ Standard library only: the tests run in the project's venv, Glance runs in its o
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
 import pathlib
 import shutil
-import signal
-import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
+
+from processes import free_port, stop_process
 
 DEFAULT_VENV = pathlib.Path.home() / ".cache" / "imgcache" / "glance-venv"
 
@@ -65,13 +64,6 @@ def glance_venv() -> pathlib.Path:
     return venv
 
 
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago (bind to port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def tail(path: pathlib.Path, lines: int = 40) -> str:
     """Return the last lines of a text file, or a note that it does not exist."""
     try:
@@ -79,19 +71,6 @@ def tail(path: pathlib.Path, lines: int = 40) -> str:
     except FileNotFoundError:
         return f"({path} does not exist)"
     return "\n".join(text.splitlines()[-lines:])
-
-
-def stop_process(proc: subprocess.Popen[Any], grace: float = 10) -> None:
-    """SIGTERM a process started with start_new_session=True, then kill its group after grace."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(grace)
-    # Kill whatever is left of its process group (gunicorn workers, say), then reap it.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 class RealGlance:
