@@ -49,7 +49,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
             upstream=upstream,
             authorizer=Authorizer(upstream, settings.decision_ttl, metrics),
             store=store,
-            fills=FillRegistry(store, upstream, metrics, files),
+            fills=FillRegistry(store, upstream, metrics, files, retries=settings.retries,
+                               retry_backoff=settings.retry_backoff),
             sender=ZeroCopySender(files),
             metrics=metrics,
         )

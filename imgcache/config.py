@@ -88,6 +88,12 @@ def _positive(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return checked
 
 
+def _nonnegative_int(text: str) -> int:
+    if not text.strip().isdigit():
+        raise ValueError("expected a whole number, 0 or more")
+    return int(text)
+
+
 @dataclass(frozen=True)
 class Option:
     """One setting: where it lives in the INI file, its flag, its parser and default."""
@@ -123,6 +129,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("read_timeout", "upstream", "read_timeout", "read-timeout",
            _positive(parse_duration), "60s",
            "Longest silence allowed while reading from Glance (there is no total timeout)."),
+    Option("retries", "upstream", "retries", "retries", _nonnegative_int, "3",
+           "Times a broken image download is retried (resumed where it broke) before the "
+           "fill fails."),
+    Option("retry_backoff", "upstream", "retry_backoff", "retry-backoff",
+           _nonnegative(parse_duration), "1s",
+           "Wait before the first retry; doubled for each further one."),
     Option("cache_dir", "cache", "dir", "cache-dir", Path, "/var/cache/imgcache",
            "Directory of the cache: image files, partial fills and the index."),
     Option("max_size", "cache", "max_size", "max-size", _positive(parse_size), "10G",
@@ -144,6 +156,8 @@ class Settings:
     upstream: tuple[str, ...]
     connect_timeout: float
     read_timeout: float
+    retries: int
+    retry_backoff: float
     cache_dir: Path
     max_size: int
     decision_ttl: float

@@ -22,14 +22,13 @@ from imgcache.digest import Expected
 from imgcache.errors import FillError, NoSpace, UpstreamError
 from imgcache.metrics import Metrics
 from imgcache.store import Entry, Reservation, Store
+from imgcache.transfer import ResumableDownload
 from imgcache.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
 #: Bytes of each response withheld until the fill that feeds it is verified.
 HOLD_BACK_BYTES = 64 * 1024
-#: Largest piece read from Glance at once (smaller when bytes arrive slowly).
-READ_CHUNK = 1 << 20
 #: Bytes read from Glance but not yet written and hashed; bounds a fill's memory.
 MAX_BUFFERED = 16 << 20
 
@@ -154,8 +153,10 @@ class FillRegistry:
     """The fills in flight, one per image at most; it owns their tasks."""
 
     def __init__(self, store: Store, upstream: Upstream, metrics: Metrics,
-                 files: ThreadPoolExecutor) -> None:
+                 files: ThreadPoolExecutor, *, retries: int, retry_backoff: float) -> None:
         self._store = store
+        self._retries = retries
+        self._retry_backoff = retry_backoff
         self._upstream = upstream
         self._metrics = metrics
         self._files = files
@@ -253,31 +254,9 @@ class FillRegistry:
 
     async def _download(self, fill: Fill, sink: _DiskAndHashSink, path_qs: str,
                         headers: dict[str, str]) -> str | None:
-        headers.pop("Range", None)
-        headers.pop("range", None)
-        response = await self._upstream.request("GET", path_qs, headers)
-        try:
-            if response.status != 200:
-                raise FillError(f"Glance answered {response.status} to the data GET",
-                                "upstream_error")
-            remaining = fill.expected.size
-            try:
-                while True:
-                    chunk = await response.content.read(READ_CHUNK)
-                    if not chunk:
-                        break
-                    if len(chunk) > remaining:
-                        raise FillError("Glance sent more bytes than its metadata says",
-                                        "size_mismatch")
-                    remaining -= len(chunk)
-                    self._metrics.upstream_bytes.inc(len(chunk))
-                    await sink.feed(chunk)
-            except FillError:
-                raise
-            except Exception as exc:
-                raise self._upstream.broken(exc, "an image download") from exc
-        finally:
-            response.release()
+        download = ResumableDownload(self._upstream, self._metrics, retries=self._retries,
+                                     backoff=self._retry_backoff)
+        await download.run(path_qs, headers, fill.expected.size, sink.feed)
         return await sink.finish()
 
     def _advance(self, fill: Fill, count: int) -> None:

@@ -33,6 +33,10 @@ class Metrics:
             "bypassed downloads).", registry=r)
         self.fills = Counter(
             "imgcache_fills", "Finished cache fills by outcome.", ["outcome"], registry=r)
+        self.fill_resumes = Counter(
+            "imgcache_fill_resumes", "Fills that continued after a broken transfer: by a "
+            "Range request (range) or by downloading again and skipping (restart).",
+            ["how"], registry=r)
         self.fills_in_progress = Gauge(
             "imgcache_fills_in_progress", "Fills downloading now.", registry=r)
         self.cache_bytes = Gauge(
@@ -65,6 +69,8 @@ class Metrics:
             self.served_bytes.labels(result)
         for outcome in FILL_OUTCOMES:
             self.fills.labels(outcome)
+        for how in ("range", "restart"):
+            self.fill_resumes.labels(how)
         for method in VERIFY_METHODS:
             self.verifications.labels(method)
         for outcome in ("allowed", "allowed_cached", "denied"):

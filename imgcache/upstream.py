@@ -80,14 +80,16 @@ class Upstream:
             await self._session.close()
 
     async def request(self, method: str, path_qs: str, headers: Mapping[str, str],
-                      data: Any = None) -> aiohttp.ClientResponse:
+                      data: Any = None, rotate: int = 0) -> aiohttp.ClientResponse:
         """Send a request to the first upstream that accepts the connection; the caller
         must release the response. ``path_qs`` is the raw (still percent-encoded) path
         and query. Connection failures move on to the next URL (nothing was sent yet);
-        other failures raise an UpstreamError subclass."""
+        other failures raise an UpstreamError subclass. ``rotate`` starts the round at
+        another URL (a retry goes to the next upstream first)."""
         assert self._session is not None, "Upstream.start() was not called"
         failure: UpstreamError = UpstreamUnavailable("no upstream configured")
-        for base in self.urls:
+        start = rotate % len(self.urls) if self.urls else 0
+        for base in self.urls[start:] + self.urls[:start]:
             url = URL(base + path_qs, encoded=True)
             try:
                 return await self._session.request(

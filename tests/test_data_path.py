@@ -124,8 +124,9 @@ async def test_a_slow_client_slows_only_itself(glance: GlanceStandin, imgcache: 
     Fault(status=503),
 ])
 async def test_upstream_fault_fails_every_client_and_caches_nothing(
-    glance: GlanceStandin, imgcache: Imgcache, fault: Fault
+    glance: GlanceStandin, imgcache_factory: ImgcacheFactory, fault: Fault
 ) -> None:
+    imgcache = await imgcache_factory(retries="0")
     image = await glance.add_image(size=4 * MiB)
     fault.rate = 8 * MiB
     fault.times = 1
