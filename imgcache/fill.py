@@ -34,7 +34,12 @@ MAX_BUFFERED = 16 << 20
 
 
 class FillFailed(Exception):
-    """Raised to readers of a fill that failed; their responses must be aborted."""
+    """Raised to readers of a fill that failed; ``outcome`` says why (a FILL_OUTCOMES label).
+    A reader must abort its response, or, after a disk error, finish it from Glance."""
+
+    def __init__(self, reason: str, outcome: str) -> None:
+        super().__init__(reason)
+        self.outcome = outcome
 
 
 class Fill:
@@ -47,6 +52,7 @@ class Fill:
         self.written = 0
         self.verified = False
         self.failure: str | None = None
+        self.failure_outcome = ""
         self._read_fd: int | None = None
         self._ended = False
         self._changed = asyncio.Event()
@@ -69,7 +75,7 @@ class Fill:
         if self.verified:
             return end
         if self.failure is not None:
-            raise FillFailed(self.failure)
+            raise FillFailed(self.failure, self.failure_outcome)
         return min(self.written, max(0, end - HOLD_BACK_BYTES))
 
     async def wait_for_progress(self) -> None:
@@ -227,16 +233,16 @@ class FillRegistry:
                      fill.written, fill.expected.method)
         except FillError as exc:
             outcome = exc.outcome
-            self._fail(fill, reservation, str(exc))
+            self._fail(fill, reservation, str(exc), outcome)
         except UpstreamError as exc:
             outcome = "upstream_error"
-            self._fail(fill, reservation, str(exc))
+            self._fail(fill, reservation, str(exc), outcome)
         except OSError as exc:
             outcome = "disk_error"
-            self._fail(fill, reservation, f"cache disk error: {exc}")
+            self._fail(fill, reservation, f"cache disk error: {exc}", outcome)
         except asyncio.CancelledError:
             outcome = "cancelled"
-            self._fail(fill, reservation, "imgcache is shutting down")
+            self._fail(fill, reservation, "imgcache is shutting down", outcome)
             raise
         finally:
             if sink is not None:
@@ -254,19 +260,25 @@ class FillRegistry:
 
     async def _download(self, fill: Fill, sink: _DiskAndHashSink, path_qs: str,
                         headers: dict[str, str]) -> str | None:
-        download = ResumableDownload(self._upstream, self._metrics, retries=self._retries,
-                                     backoff=self._retry_backoff)
-        await download.run(path_qs, headers, fill.expected.size, sink.feed)
+        await self.new_download().run(path_qs, headers, fill.expected.size, sink.feed)
         return await sink.finish()
+
+    def new_download(self) -> ResumableDownload:
+        """A download from Glance with this registry's retry policy."""
+        return ResumableDownload(self._upstream, self._metrics, retries=self._retries,
+                                 backoff=self._retry_backoff)
 
     def _advance(self, fill: Fill, count: int) -> None:
         fill.written += count
         fill._notify()
 
-    def _fail(self, fill: Fill, reservation: Reservation, reason: str) -> None:
+    def _fail(self, fill: Fill, reservation: Reservation, reason: str, outcome: str) -> None:
         log.error("fill of image %s failed after %d of %d bytes: %s; nothing was cached",
                   fill.image_id, fill.written, fill.expected.size, reason)
+        if outcome == "disk_error":
+            self._store.disk_failed(reason)
         fill.failure = reason
+        fill.failure_outcome = outcome
         fill._notify()
         if self._fills.get(fill.image_id) is fill:
             del self._fills[fill.image_id]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from imgcache.authorize import Authorizer, Denied, ImageInfo
-from imgcache.errors import ImgcacheError, NoSpace
+from imgcache.errors import FillError, ImgcacheError, NoSpace
 from imgcache.fill import Fill, FillFailed, FillRegistry
 from imgcache.keys import parse_image_id
 from imgcache.metrics import Metrics
@@ -129,6 +129,33 @@ class ImageDataRequest:
                      self.request_id, self.raw_id[:64], self.result.upper(), self.status,
                      self.sent, time.monotonic() - started)
 
+    async def _finish_from_glance(self, response: web.StreamResponse, info: ImageInfo,
+                                  position: int, end: int) -> web.StreamResponse:
+        """The cache disk failed under a fill: send the rest of this response from Glance,
+        streamed through, so that the client still gets its image."""
+        assert info.expected is not None
+        log.warning("request %s: cache disk failed during the fill of %s; sending bytes "
+                    "%d-%d from Glance", self.request_id, info.image_id, position, end)
+
+        async def forward(chunk: bytes) -> None:
+            await response.write(chunk)
+            self._count_sent(len(chunk))
+
+        try:
+            await self.services.fills.new_download().run(
+                self.request.raw_path, self.request.headers, info.expected.size, forward,
+                start=position, end=end)
+        except (ImgcacheError, FillError) as exc:
+            log.warning("request %s: Glance failed too (%s); aborting", self.request_id, exc)
+            self.result = "error"
+            _abort(self.request)
+            return response
+        except ConnectionResetError:
+            self.status = 499
+            return response
+        await response.write_eof()
+        return response
+
     def _count_sent(self, count: int) -> None:
         self.sent += count
 
@@ -194,6 +221,8 @@ class ImageDataRequest:
                 await sender.send_growing(self.request, fd, start, end, fill,
                                           self._count_sent)
         except FillFailed as exc:
+            if exc.outcome == "disk_error" and fill is not None:
+                return await self._finish_from_glance(response, info, start + self.sent, end)
             log.warning("request %s: fill of image %s failed (%s); aborting the client "
                         "connection so it cannot take a partial image for a whole one",
                         self.request_id, info.image_id, exc)

@@ -52,6 +52,9 @@ class Metrics:
         self.checksum_failures = Counter(
             "imgcache_checksum_failures", "Fills whose bytes did not match Glance's hash.",
             registry=r)
+        self.disk_errors = Counter(
+            "imgcache_disk_errors", "Failed writes to the cache directory (disk full, "
+            "directory removed or read-only); caching pauses after each.", registry=r)
         self.verifications = Counter(
             "imgcache_verifications", "Committed fills by the check they passed; size_only "
             "means Glance published no hash.", ["method"], registry=r)

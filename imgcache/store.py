@@ -31,6 +31,10 @@ from imgcache.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+#: After a write to the cache fails (disk full, directory gone, read-only), new images are
+#: streamed through uncached for this long before caching is tried again.
+DISK_ERROR_PAUSE = 30.0
+
 
 @dataclass
 class Entry:
@@ -72,6 +76,8 @@ class Store:
         self._reserved_bytes = 0
         self._partial_names = itertools.count(1)
         self._background: set[asyncio.Future[Any]] = set()
+        self._disk_error_until = 0.0
+        self._disk_error = ""
         metrics.cache_max_bytes.set(max_bytes)
 
     @property
@@ -181,6 +187,9 @@ class Store:
         Raises NoSpace when the image cannot fit under the cap."""
         if size > self.max_bytes:
             raise NoSpace(f"image of {size} bytes is larger than the cache cap {self.max_bytes}")
+        if time.monotonic() < self._disk_error_until:
+            raise NoSpace(f"the cache disk failed recently ({self._disk_error}); not caching "
+                          "until it works again")
         self._evict_for(size)
         self._reserved_bytes += size
         self._publish()
@@ -228,6 +237,15 @@ class Store:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+    def disk_failed(self, error: str) -> None:
+        """A write to the cache failed: stream new images through uncached for a while."""
+        self._metrics.disk_errors.inc()
+        self._disk_error = error
+        self._disk_error_until = time.monotonic() + DISK_ERROR_PAUSE
+        log.error("cache disk error in %s: %s; images are streamed through uncached for "
+                  "%.0f s; check free space and permissions", self.cache_dir, error,
+                  DISK_ERROR_PAUSE)
 
     def discard_partial(self, partial: Path) -> None:
         """Delete a failed fill's partial file in the background."""

@@ -33,7 +33,8 @@ class _RangeRefused(Exception):
 
 
 class ResumableDownload:
-    """One image body, fed in order to ``feed``, exactly ``size`` bytes once."""
+    """Bytes ``start``..``end`` of an image of ``size`` bytes, fed in order to ``feed``,
+    each exactly once."""
 
     def __init__(self, upstream: Upstream, metrics: Metrics, *, retries: int,
                  backoff: float) -> None:
@@ -41,18 +42,22 @@ class ResumableDownload:
         self._metrics = metrics
         self._retries = retries
         self._backoff = backoff
-        self.received = 0
+        self.received = 0  # absolute offset in the image of the next byte to feed
+        self._end = 0
+        self._size = 0
 
     async def run(self, path_qs: str, headers: Mapping[str, str], size: int,
-                  feed: Callable[[bytes], Awaitable[None]]) -> None:
-        """Download until ``size`` bytes were fed. Raises FillError (bad data, or a status
-        that retrying cannot change) or UpstreamError (retries exhausted)."""
+                  feed: Callable[[bytes], Awaitable[None]], start: int = 0,
+                  end: int | None = None) -> None:
+        """Download until every byte of the span was fed. Raises FillError (bad data, or a
+        status that retrying cannot change) or UpstreamError (retries exhausted)."""
+        self.received, self._end, self._size = start, size if end is None else end, size
         base = {k: v for k, v in headers.items() if k.lower() not in ("range", "if-range")}
         use_range = True
         failures = 0
         while True:
             try:
-                await self._attempt(path_qs, base, size, feed, use_range, failures)
+                await self._attempt(path_qs, base, feed, use_range, failures)
                 return
             except _RangeRefused:
                 log.info("Glance refuses ranges for %s; downloading again from byte 0 and "
@@ -64,36 +69,37 @@ class ResumableDownload:
                     raise
                 delay = self._backoff * 2 ** (failures - 1)
                 log.warning("download of %s broke after %d of %d bytes (%s); retry %d of %d "
-                            "in %.1fs", path_qs, self.received, size, exc, failures,
+                            "in %.1fs", path_qs, self.received, self._end, exc, failures,
                             self._retries, delay)
                 await asyncio.sleep(delay)
 
-    async def _attempt(self, path_qs: str, base: dict[str, str], size: int,
+    async def _attempt(self, path_qs: str, base: dict[str, str],
                        feed: Callable[[bytes], Awaitable[None]], use_range: bool,
                        rotation: int) -> None:
         offset = self.received
+        partial = offset > 0 or self._end < self._size
         headers = dict(base)
-        if offset and use_range:
-            headers["Range"] = f"bytes={offset}-"
+        if partial and use_range:
+            headers["Range"] = f"bytes={offset}-{self._end - 1}"
         response = await self._upstream.request("GET", path_qs, headers, rotate=rotation)
         try:
-            skip = self._bytes_to_skip(response, offset, use_range)
+            skip = self._bytes_to_skip(response, offset, partial and use_range)
             if offset:
                 self._metrics.fill_resumes.labels("restart" if skip else "range").inc()
-            await self._stream(response, size, skip, feed)
+            await self._stream(response, skip, feed)
         finally:
             response.release()
 
     def _bytes_to_skip(self, response: aiohttp.ClientResponse, offset: int,
-                       use_range: bool) -> int:
+                       ranged: bool) -> int:
         status = response.status
-        if offset and use_range and status == 206:
+        if ranged and status == 206:
             match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
             if not match or int(match.group(1)) != offset:
                 raise FillError(f"Glance answered a resume from {offset} with Content-Range "
                                 f"{response.headers.get('Content-Range')!r}", "upstream_error")
             return 0
-        if offset and use_range and status in (400, 416):
+        if ranged and status in (400, 416):
             raise _RangeRefused()
         if status == 200:
             return offset
@@ -101,24 +107,31 @@ class ResumableDownload:
             raise UpstreamError(f"Glance answered {status} to the data GET")
         raise FillError(f"Glance answered {status} to the data GET", "upstream_error")
 
-    async def _stream(self, response: aiohttp.ClientResponse, size: int, skip: int,
+    async def _stream(self, response: aiohttp.ClientResponse, skip: int,
                       feed: Callable[[bytes], Awaitable[None]]) -> None:
         try:
-            while chunk := await response.content.read(READ_CHUNK):
+            while self.received < self._end:
+                chunk = await response.content.read(READ_CHUNK)
+                if not chunk:
+                    raise UpstreamError(f"Glance ended the body at byte {self.received}, "
+                                        f"expected {self._end}")
                 self._metrics.upstream_bytes.inc(len(chunk))
                 if skip:
                     dropped = min(skip, len(chunk))
                     chunk, skip = chunk[dropped:], skip - dropped
-                    if not chunk:
-                        continue
-                if self.received + len(chunk) > size:
-                    raise FillError("Glance sent more bytes than its metadata says",
-                                    "size_mismatch")
+                if self.received + len(chunk) > self._end:
+                    if self._end == self._size:
+                        raise FillError("Glance sent more bytes than its metadata says",
+                                        "size_mismatch")
+                    chunk = chunk[: self._end - self.received]  # a 200 to a range: enough
                 self.received += len(chunk)
-                await feed(chunk)
-        except FillError:
+                if chunk:
+                    await feed(chunk)
+            if (self._end == self._size and not response.content.at_eof()
+                    and await response.content.read(1)):
+                raise FillError("Glance sent more bytes than its metadata says",
+                                "size_mismatch")
+        except (FillError, UpstreamError):
             raise
         except Exception as exc:
             raise self._upstream.broken(exc, "an image download") from exc
-        if self.received < size:
-            raise UpstreamError(f"Glance ended the body after {self.received} of {size} bytes")
