@@ -747,17 +747,24 @@ def _size(text: str) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    """Start a stand-in with one generated image, print it as JSON, serve until a signal."""
+    """Start a stand-in with generated images, print them as JSON, serve until a signal."""
     standin = GlanceStandin(
         args.data_dir, host=args.host, port=args.port, tokens=args.token or ["token-a"]
     )
     await standin.start()
     try:
-        image = await standin.add_image(size=args.image_size, visibility=args.visibility)
+        images = [
+            await standin.add_image(size=args.image_size, visibility=args.visibility)
+            for _ in range(args.images)
+        ]
+        for image in images:
+            if args.rate:
+                standin.faults[image.id] = Fault(rate=args.rate)
         line = {
             "url": standin.url,
-            "image_id": image.id,
-            "size": image.size,
+            "image_id": images[0].id,
+            "image_ids": [image.id for image in images],
+            "size": images[0].size,
             "tokens": sorted(standin.tokens),
         }
         print(json.dumps(line), flush=True)
@@ -779,6 +786,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=9292)
     parser.add_argument("--data-dir", type=pathlib.Path, required=True)
     parser.add_argument("--image-size", type=_size, default=_size("64M"))
+    parser.add_argument("--images", type=int, default=1, help="how many images (1)")
+    parser.add_argument("--rate", type=_size, default=0,
+                        help="trickle every download to this many bytes/s (default: full speed)")
     parser.add_argument("--visibility", default="private")
     parser.add_argument(
         "--token", action="append", help="a valid token (repeatable; default token-a)"

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -40,19 +41,22 @@ def wait_for_http(url: str, timeout: float = 20) -> None:
 
 
 class StandinProcess:
-    """``python -m imgcache.standin`` with one generated image."""
+    """``python -m imgcache.standin`` with generated images (``rate`` trickles downloads)."""
 
-    def __init__(self, data_dir: Path, image_size: str) -> None:
+    def __init__(self, data_dir: Path, image_size: str, images: int = 1,
+                 rate: str = "0") -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "imgcache.standin", "--port", str(self.port),
-             "--data-dir", str(data_dir), "--image-size", image_size],
+             "--data-dir", str(data_dir), "--image-size", image_size,
+             "--images", str(images), "--rate", rate],
             stdout=subprocess.PIPE, text=True, start_new_session=True)
         assert self.proc.stdout is not None
         info = json.loads(self.proc.stdout.readline())
         self.url: str = info["url"]
         self.image_id: str = info["image_id"]
+        self.image_ids: list[str] = info["image_ids"]
         self.size: int = info["size"]
 
     def stop(self) -> None:
@@ -124,3 +128,34 @@ def stop_process(proc: subprocess.Popen[Any], grace: float = 10) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+class DrainedImgcacheProcess(ImgcacheProcess):
+    """An ImgcacheProcess whose stderr is read all along by a thread, so that a busy
+    server (a log line per request) never blocks on a full pipe; ``stop()`` returns it."""
+
+    def __init__(self, upstream: str, cache_dir: Path, max_size: str = "2G",
+                 extra: tuple[str, ...] = ()) -> None:
+        super().__init__(upstream, cache_dir, max_size, extra)
+        assert self.proc.stderr is not None
+        self.stderr_lines: list[str] = []
+        self._drainer = threading.Thread(
+            target=self.stderr_lines.extend, args=(self.proc.stderr,), daemon=True)
+        self._drainer.start()
+
+    def open_fds(self) -> int:
+        """How many file descriptors the server has open now."""
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def rss(self) -> int:
+        """The server's resident memory (VmRSS) now, in bytes."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS in /proc status")
+
+    def stop(self) -> str:
+        """Stop the server; return everything it wrote on stderr."""
+        stop_process(self.proc)
+        self._drainer.join(10)
+        return "".join(self.stderr_lines)
