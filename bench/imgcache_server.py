@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -45,8 +46,11 @@ class Imgcache:
 
     def start(self) -> None:
         """Start the server and wait until /healthz answers."""
+        # The server runs on its defaults plus our flags, whatever IMGCACHE_* the shell has.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IMGCACHE_")}
         with self.log.open("wb") as out:
-            self._proc = self._procs.start(self._cmd, stdout=out, stderr=subprocess.STDOUT)
+            self._proc = self._procs.start(self._cmd, stdout=out, stderr=subprocess.STDOUT,
+                                           env=env)
         wait_listening(self.port, self._proc, self.log)
         wait_listening(self.metrics_port, self._proc, self.log)
         deadline = time.monotonic() + 30

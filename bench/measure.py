@@ -1,5 +1,6 @@
-"""The measurements: cache-hit throughput against nginx, and the cold boot storm against one
-direct download. Each records its raw samples; ``report`` turns them into medians and ratios.
+"""The measurements: cache-hit throughput against nginx serving the same file, and cold
+fills (a 16-client boot storm, a lone MISS) against direct downloads from the upstream.
+Each records its raw samples; ``report`` turns them into medians and ratios.
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ class Checks:
     passed: Counter[str] = field(default_factory=Counter)
     failed: Counter[str] = field(default_factory=Counter)
     first_failure: dict[str, str] = field(default_factory=dict)
+    seen: dict[str, None] = field(default_factory=dict)  # an ordered set
 
     def expect(self, name: str, ok: bool, detail: str = "") -> bool:
         """Record one check of kind ``name``; ``detail`` explains a failure."""
+        self.seen.setdefault(name)
         if ok:
             self.passed[name] += 1
         else:
@@ -44,7 +47,7 @@ class Checks:
 
     def names(self) -> list[str]:
         """Every kind of check made, in the order first seen."""
-        return list(dict.fromkeys([*self.passed, *self.failed]))
+        return list(self.seen)
 
 
 @dataclass

@@ -24,10 +24,11 @@ class Processes:
         self._procs: list[subprocess.Popen[Any]] = []
 
     def start(self, cmd: Sequence[str], *, stdout: int | IO[Any] | None = None,
-              stderr: int | IO[Any] | None = None, text: bool = False) -> subprocess.Popen[Any]:
+              stderr: int | IO[Any] | None = None, text: bool = False,
+              env: dict[str, str] | None = None) -> subprocess.Popen[Any]:
         """Start ``cmd`` in a session (and process group) of its own and remember it."""
         proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=stdout,
-                                stderr=stderr, text=text, start_new_session=True)
+                                stderr=stderr, text=text, env=env, start_new_session=True)
         self._procs.append(proc)
         return proc
 

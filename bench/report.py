@@ -154,7 +154,8 @@ def render(hits: HitResults | None, cold: ColdResults | None, checks: Checks,
     parts = [
         "# imgcache benchmark",
         "",
-        f"`{command}`: medians of {reps} repetitions; every baseline was measured in the "
+        f"`{command}`: {'medians of ' if reps > 1 else ''}{reps} repetition"
+        f"{'s' if reps > 1 else ''}; every baseline was measured in the "
         f"same run, alternating with imgcache. MB = 10^6 bytes. Ratio = imgcache / baseline "
         f"(the last column says which way is better). {verdict}.",
         "",

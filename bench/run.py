@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import uuid
@@ -196,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
             if do_cold:
                 cold = measure_cold(bench, storms, singles, direct, args.storm_clients,
                                     args.verify)
-        except BaseException:
+        except Exception:
             _show_log(imgcache.log)
             raise
         command = "python bench/run.py " + shlex.join(sys.argv[1:])
@@ -224,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run(args)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         progress("interrupted; everything started was stopped and removed")
         return 130

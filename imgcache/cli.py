@@ -1,14 +1,16 @@
-"""The ``imgcache`` command: ``serve`` runs the cache, ``demo`` shows it at work."""
+"""The ``imgcache`` command: ``serve`` runs the cache, ``demo`` shows it at work, and the
+management commands (list, prefetch, pin, ...) talk to a running server."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from imgcache.config import OPTIONS, load_settings
-from imgcache.errors import ConfigError
+from imgcache.ctl import COMMANDS, add_commands, run_command
+from imgcache.errors import ConfigError, ImgcacheError
+from imgcache.logs import setup_logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
         serve.add_argument(f"--{option.flag}", dest=option.name, metavar=option.key.upper(),
                            help=f"{option.help} [{option.ini_name}, {option.env}; "
                                 f"default {option.default}]")
+    add_commands(commands)
     demo = commands.add_parser(
         "demo", help="boot-storm demo against a throwaway Glance stand-in")
     demo.add_argument("--clients", type=int, default=16, help="concurrent clients (16)")
@@ -35,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     args = _parser().parse_args(argv)
+    if args.command in COMMANDS:
+        return run_command(args)
     if args.command == "demo":
         from imgcache.demo import run_demo
 
@@ -45,12 +50,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"imgcache: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(settings.log_level, settings.log_format)
     from imgcache.app import run
 
     try:
-        run(settings)
+        run(settings, lambda: load_settings(flags, args.config))
+    except ConfigError as exc:  # found at start-up: a CA, certificate or key file
+        print(f"imgcache: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except ImgcacheError as exc:
+        print(f"imgcache: cannot start: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"imgcache: cannot start: {exc}", file=sys.stderr)
         return 1

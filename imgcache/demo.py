@@ -20,7 +20,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from imgcache.app import running
 from imgcache.config import load_settings, parse_size
-from imgcache.handlers import SERVICES
 from imgcache.standin import GlanceStandin
 
 TOKEN = "demo-token"
@@ -70,12 +69,13 @@ async def _demo(workdir: Path, clients: int, image_size: int) -> None:
         settings = load_settings({
             "listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0", "upstream": glance.url,
             "cache_dir": str(workdir / "cache"), "max_size": str(4 * image_size),
+            "admin_socket": str(workdir / "admin.sock"),
         }, environ={})
         async with running(settings) as served, aiohttp.ClientSession() as session:
             print(f"imgcache at {served.proxy_url}, metrics at {served.metrics_url}/metrics")
             url = f"{served.proxy_url}/v2/images/{image.id}/file"
             print("cold storm: " + await _storm(session, url, clients, image.os_hash_value))
-            await served.proxy_app[SERVICES].fills.wait_idle()  # the image is committed
+            await served.services.fills.wait_idle()  # the image is committed
             print("warm storm: " + await _storm(session, url, clients, image.os_hash_value))
             samples = await _samples(session, served.metrics_url)
             print(f"Glance served {glance.data_gets(image.id)} image download(s) for "

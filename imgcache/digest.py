@@ -30,6 +30,12 @@ class Expected:
         """A string that changes whenever the image's published content identity changes."""
         return f"{self.method}:{self.algo}:{self.value}:{self.size}"
 
+    @classmethod
+    def from_key(cls, key: str) -> Expected:
+        """The Expected whose ``key`` this is (entries store only the key)."""
+        method, algo, value, size = key.split(":")
+        return cls(int(size), method, algo, value)
+
     def new_hasher(self) -> Any | None:
         """A fresh hashlib object for ``algo``, or None when only the size is checked."""
         return hashlib.new(self.algo) if self.algo else None

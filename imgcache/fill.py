@@ -78,6 +78,11 @@ class Fill:
             raise FillFailed(self.failure, self.failure_outcome)
         return min(self.written, max(0, end - HOLD_BACK_BYTES))
 
+    async def wait_ended(self) -> None:
+        """Return once the fill committed or failed."""
+        while not self._ended:
+            await self.wait_for_progress()
+
     async def wait_for_progress(self) -> None:
         """Return after the next change: more bytes written, verified, or failed."""
         await self._changed.wait()
@@ -262,6 +267,10 @@ class FillRegistry:
                         headers: dict[str, str]) -> str | None:
         await self.new_download().run(path_qs, headers, fill.expected.size, sink.feed)
         return await sink.finish()
+
+    def set_retry_policy(self, retries: int, backoff: float) -> None:
+        """Change retries and backoff for fills started from now on (a reload)."""
+        self._retries, self._retry_backoff = retries, backoff
 
     def new_download(self) -> ResumableDownload:
         """A download from Glance with this registry's retry policy."""

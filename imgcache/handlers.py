@@ -16,16 +16,20 @@ from imgcache.errors import FillError, ImgcacheError, NoSpace
 from imgcache.fill import Fill, FillFailed, FillRegistry
 from imgcache.keys import parse_image_id
 from imgcache.metrics import Metrics
+from imgcache.prefetch import Prefetcher
 from imgcache.ranges import ByteRange, parse_range
 from imgcache.responses import ZeroCopySender
 from imgcache.store import Entry, Store
 from imgcache.upstream import Upstream, end_to_end_headers
+from imgcache.verify import Verifier
 
 log = logging.getLogger("imgcache.access")
 
 _DATA_PATH = re.compile(r"^/v2/images/([^/]+)/file$")
 _PASS_CHUNK = 256 * 1024
 REQUEST_ID_HEADER = "X-OpenStack-Request-ID"
+#: Image statuses whose cached data must not be served any more.
+GONE_STATUSES = frozenset({"deactivated", "deleted", "pending_delete", "killed"})
 
 
 @dataclass
@@ -38,6 +42,8 @@ class Services:
     fills: FillRegistry
     sender: ZeroCopySender
     metrics: Metrics
+    prefetcher: Prefetcher
+    verifier: Verifier
 
 
 SERVICES = web.AppKey("services", Services)
@@ -63,11 +69,13 @@ def error_response(exc: ImgcacheError) -> web.Response:
 async def pass_through(services: Services, request: web.Request,
                        cache_status: str | None = None) -> web.StreamResponse:
     """Forward the request to Glance and stream the answer back, bodies never buffered
-    whole. ``cache_status`` adds an X-Cache-Status header (BYPASS downloads)."""
+    whole. ``cache_status`` adds an X-Cache-Status header (BYPASS downloads, which are
+    image data and so go through ``[upstream] proxy`` when one is set)."""
     services.metrics.passthrough_requests.inc()
     body = request.content if request.body_exists else None
     upstream = await services.upstream.request(
-        request.method, request.raw_path, request.headers, data=body)
+        request.method, request.raw_path, request.headers, data=body,
+        image_data=cache_status is not None)
     try:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.extend(end_to_end_headers(upstream.headers))
@@ -109,25 +117,27 @@ class ImageDataRequest:
         self.services = services
         self.request = request
         self.raw_id = raw_id
-        self.request_id = request.headers.get(REQUEST_ID_HEADER) or f"req-{uuid.uuid4()}"
+        self.request_id = (request.headers.get(REQUEST_ID_HEADER) or f"req-{uuid.uuid4()}")[:128]
         self.result = "error"
         self.sent = 0
-        self.status = 500
+        self.status = 0  # 0 until answered; 499 when the client went away mid-body
 
     async def serve(self) -> web.StreamResponse:
         """Answer the request and log one line about it."""
         started = time.monotonic()
         try:
             response = await self._serve()
-            self.status = response.status
+            self.status = self.status or response.status
             return response
         finally:
             metrics = self.services.metrics
             metrics.requests.labels(self.result).inc()
             metrics.served_bytes.labels(self.result).inc(self.sent)
-            log.info("image request %s image=%s result=%s status=%s bytes=%d duration=%.3fs",
-                     self.request_id, self.raw_id[:64], self.result.upper(), self.status,
-                     self.sent, time.monotonic() - started)
+            fields = {"request_id": self.request_id, "image_id": self.raw_id[:64],
+                      "result": self.result.upper(), "status": self.status,
+                      "bytes": self.sent, "duration": round(time.monotonic() - started, 3)}
+            log.info("image request %s image=%s result=%s status=%s bytes=%d "
+                     "duration=%.3fs", *fields.values(), extra=fields)
 
     async def _finish_from_glance(self, response: web.StreamResponse, info: ImageInfo,
                                   position: int, end: int) -> web.StreamResponse:
@@ -169,6 +179,9 @@ class ImageDataRequest:
             return web.Response(status=denied.status, headers=denied.headers,
                                 body=denied.body)
         if info.status != "active" or info.expected is None:
+            if info.status in GONE_STATUSES and self.services.store.remove(image_id):
+                log.info("dropped cached image %s: Glance says it is %s", image_id,
+                         info.status)
             # Glance answers these itself (204 without data, 403 deactivated...).
             self.result = "bypass"
             return await pass_through(self.services, self.request, "BYPASS")

@@ -44,6 +44,9 @@ class Metrics:
             registry=r)
         self.cache_max_bytes = Gauge(
             "imgcache_cache_max_bytes", "The configured hard cap.", registry=r)
+        self.cache_pinned_bytes = Gauge(
+            "imgcache_cache_pinned_bytes", "Bytes of pinned entries (never evicted).",
+            registry=r)
         self.cache_entries = Gauge(
             "imgcache_cache_entries", "Committed cache entries.", registry=r)
         self.evictions = Counter(
@@ -55,6 +58,15 @@ class Metrics:
         self.disk_errors = Counter(
             "imgcache_disk_errors", "Failed writes to the cache directory (disk full, "
             "directory removed or read-only); caching pauses after each.", registry=r)
+        self.verify_failures = Counter(
+            "imgcache_verify_failures", "Cached files found corrupt by verify or the "
+            "background scrub (and evicted).", registry=r)
+        self.verified_bytes = Counter(
+            "imgcache_verified_bytes", "Bytes of cached files re-hashed by verify or the "
+            "background scrub.", registry=r)
+        self.prefetches = Counter(
+            "imgcache_prefetches", "Finished prefetches by outcome (cached, failed).",
+            ["outcome"], registry=r)
         self.verifications = Counter(
             "imgcache_verifications", "Committed fills by the check they passed; size_only "
             "means Glance published no hash.", ["method"], registry=r)
@@ -66,17 +78,19 @@ class Metrics:
             registry=r)
         self.upstream_errors = Counter(
             "imgcache_upstream_errors", "Failures talking to Glance by kind (connect, "
-            "timeout, broken).", ["kind"], registry=r)
+            "timeout, tls, broken).", ["kind"], registry=r)
         for result in RESULTS:
             self.requests.labels(result)
             self.served_bytes.labels(result)
         for outcome in FILL_OUTCOMES:
             self.fills.labels(outcome)
+        for outcome in ("cached", "failed"):
+            self.prefetches.labels(outcome)
         for how in ("range", "restart"):
             self.fill_resumes.labels(how)
         for method in VERIFY_METHODS:
             self.verifications.labels(method)
         for outcome in ("allowed", "allowed_cached", "denied"):
             self.auth_checks.labels(outcome)
-        for kind in ("connect", "timeout", "broken"):
+        for kind in ("connect", "timeout", "tls", "broken"):
             self.upstream_errors.labels(kind)

@@ -91,6 +91,15 @@ class Store:
         return self.cache_dir / "partial"
 
     @property
+    def pinned_bytes(self) -> int:
+        """Bytes of pinned entries (never evicted)."""
+        return sum(entry.size for entry in self._entries.values() if entry.pinned)
+
+    def path_of(self, entry: Entry) -> Path:
+        """Where an entry's file lives."""
+        return self.data_dir / entry.file_name
+
+    @property
     def used_bytes(self) -> int:
         """Bytes of committed entries plus bytes reserved by fills in progress."""
         return self._entry_bytes + self._reserved_bytes
@@ -266,6 +275,43 @@ class Store:
         """All committed entries, least recently used first."""
         return list(self._entries.values())
 
+    def get(self, image_id: str) -> Entry | None:
+        """The committed entry of an image, whatever its content."""
+        return self._entries.get(image_id)
+
+    def check_pin_fits(self, size: int) -> None:
+        """Raise NoSpace unless ``size`` more pinned bytes stay under the cap."""
+        if self.pinned_bytes + size > self.max_bytes:
+            raise NoSpace(f"pinning {size} more bytes would exceed the cap: "
+                          f"{self.pinned_bytes} of {self.max_bytes} bytes are pinned already")
+
+    def set_pinned(self, image_id: str, pinned: bool) -> Entry:
+        """Pin (never evict) or unpin a committed entry. Raises KeyError if not cached and
+        NoSpace if the pins would no longer fit under the cap."""
+        entry = self._entries[image_id]
+        if pinned and not entry.pinned:
+            self.check_pin_fits(entry.size)
+        entry.pinned = pinned
+        self._persist(entry)
+        self._publish()
+        return entry
+
+    def mark_verified(self, entry: Entry) -> None:
+        """Record that an entry's file was re-hashed and matched."""
+        entry.verified_at = time.time()
+        if self._entries.get(entry.image_id) is entry:
+            self._persist(entry)
+
+    def set_max_bytes(self, max_bytes: int) -> None:
+        """Change the cap (a reload); shrinking it evicts least recently used entries."""
+        self.max_bytes = max_bytes
+        self._metrics.cache_max_bytes.set(max_bytes)
+        try:
+            self._evict_for(0)
+        except NoSpace as exc:
+            log.warning("the new cap of %d bytes is below what is pinned or being filled: "
+                        "%s", max_bytes, exc)
+
     def _evict_for(self, size: int) -> None:
         excess = self.used_bytes + size - self.max_bytes
         if excess <= 0:
@@ -311,4 +357,5 @@ class Store:
 
     def _publish(self) -> None:
         self._metrics.cache_bytes.set(self.used_bytes)
+        self._metrics.cache_pinned_bytes.set(self.pinned_bytes)
         self._metrics.cache_entries.set(len(self._entries))

@@ -18,7 +18,7 @@ from blockbuster import blockbuster_ctx
 
 from imgcache.app import Running, running
 from imgcache.config import load_settings
-from imgcache.handlers import SERVICES, Services
+from imgcache.handlers import Services
 from imgcache.standin import GlanceStandin
 
 TOKEN = "token-a"
@@ -66,6 +66,7 @@ class Imgcache:
     services: Services
     session: aiohttp.ClientSession
     cache_dir: Path
+    admin_socket: Path
 
     def data_url(self, image_id: str) -> str:
         """URL of an image's data through imgcache."""
@@ -119,14 +120,15 @@ async def imgcache_factory(
             "upstream": glance.url,
             "cache_dir": str(tmp_path / "cache"),
             "max_size": "1G",
+            "admin_socket": str(tmp_path / f"admin-{len(stack)}.sock"),
         }
         values.update(flags)
         context = running(load_settings(values, environ={}))
         served: Running = await context.__aenter__()
         session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
         stack.append((context, session))
-        return Imgcache(served.proxy_url, served.metrics_url,
-                        served.proxy_app[SERVICES], session, Path(values["cache_dir"]))
+        return Imgcache(served.proxy_url, served.metrics_url, served.services, session,
+                        Path(values["cache_dir"]), Path(values["admin_socket"]))
 
     yield start
     for context, session in reversed(stack):

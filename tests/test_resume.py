@@ -49,7 +49,7 @@ async def test_a_broken_transfer_resumes_and_clients_see_only_a_pause(
     assert metrics[f'imgcache_fill_resumes_total{{how="{how}"}}'] == 1
     resumed = [r for r in glance.requests if r.path.endswith("/file")][-1]
     if how == "range":
-        broke_at = int(resumed.headers["Range"].removeprefix("bytes=").rstrip("-"))
+        broke_at = int(resumed.headers["Range"].removeprefix("bytes=").split("-")[0])
         assert 0 < broke_at <= (fault.reset_at or fault.stall_at or 0)
         assert resumed.status == 206
         assert resumed.body_bytes_sent == image.size - broke_at
