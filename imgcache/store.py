@@ -128,27 +128,22 @@ class Store:
             str(self.cache_dir / "index"), eviction_policy="none", cull_limit=0,
             size_limit=2**62, statistics=False,
         )
-        on_disk = {p.name: p for p in self.data_dir.iterdir()}
+        on_disk = {name for name in os.listdir(self.data_dir)}
+        with self._index.transact():  # one transaction: 10,000 reads in well under a second
+            rows = [(key, self._index.get(key)) for key in list(self._index.iterkeys())]
         records: list[Entry] = []
-        for key in list(self._index.iterkeys()):
-            raw = self._index.get(key)
+        for key, raw in rows:
             try:
                 entry = Entry(**raw)
-                size_on_disk = on_disk.pop(entry.file_name).stat().st_size
-            except (TypeError, KeyError, OSError):
-                log.warning("dropping index record %s: its file is missing or unreadable", key)
+                on_disk.remove(entry.file_name)
+            except (TypeError, KeyError):
+                log.warning("dropping index record %s: its file is missing", key)
                 self._index.delete(key)
-                continue
-            if size_on_disk != entry.size:
-                log.warning("dropping entry %s: file has %d bytes, index says %d",
-                            key, size_on_disk, entry.size)
-                self._index.delete(key)
-                (self.data_dir / entry.file_name).unlink(missing_ok=True)
                 continue
             records.append(entry)
-        for name, stray in on_disk.items():
+        for name in on_disk:
             log.warning("removing %s: a data file with no index record", name)
-            stray.unlink(missing_ok=True)
+            (self.data_dir / name).unlink(missing_ok=True)
         return records
 
     async def close(self) -> None:
@@ -173,14 +168,15 @@ class Store:
         return entry
 
     async def open_entry(self, entry: Entry) -> int | None:
-        """An fd to read the entry's file, or None if the file has vanished (then the entry
-        is dropped). Counts a hit and moves the entry to the most recently used end."""
+        """An fd to read the entry's file, or None if the file has vanished or does not
+        have the entry's size (then the entry is dropped). Counts a hit and moves the
+        entry to the most recently used end."""
         path = self.data_dir / entry.file_name
         loop = asyncio.get_running_loop()
         try:
-            fd = await loop.run_in_executor(self._files, os.open, path, os.O_RDONLY)
-        except FileNotFoundError:
-            log.warning("entry %s lost its file %s; dropping it", entry.image_id, path)
+            fd = await loop.run_in_executor(self._files, _open_sized, path, entry.size)
+        except OSError as exc:
+            log.warning("entry %s is unusable (%s); dropping it", entry.image_id, exc)
             if self._entries.get(entry.image_id) is entry:
                 self.remove(entry.image_id)
             return None
@@ -359,3 +355,13 @@ class Store:
         self._metrics.cache_bytes.set(self.used_bytes)
         self._metrics.cache_pinned_bytes.set(self.pinned_bytes)
         self._metrics.cache_entries.set(len(self._entries))
+
+
+def _open_sized(path: Path, size: int) -> int:
+    """Open a cached file for reading, checking it still has its recorded size."""
+    fd = os.open(path, os.O_RDONLY)
+    actual = os.fstat(fd).st_size
+    if actual != size:
+        os.close(fd)
+        raise OSError(f"{path.name} has {actual} bytes, {size} were committed")
+    return fd

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -12,8 +13,14 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
+
+import diskcache
+
+from imgcache.keys import data_file_name
+from imgcache.store import Entry
 
 IMGCACHE = str(Path(sys.executable).with_name("imgcache"))
 
@@ -67,17 +74,19 @@ class StandinProcess:
 class ImgcacheProcess:
     """``imgcache serve`` as a real process."""
 
-    def __init__(self, upstream: str, cache_dir: Path, max_size: str = "2G",
-                 extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, upstream: str, cache_dir: Path, max_size: str | None = "2G",
+                 extra: tuple[str, ...] = (), admin_socket: Path | None = None) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}"
+        self.admin_socket = admin_socket or cache_dir.parent / f"admin-{self.port}.sock"
         env = {k: v for k, v in os.environ.items() if not k.startswith("IMGCACHE_")}
         self.proc = subprocess.Popen(
             [IMGCACHE, "serve", "--listen", f"127.0.0.1:{self.port}",
              "--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--upstream", upstream,
-             "--cache-dir", str(cache_dir), "--max-size", max_size, *extra],
+             "--cache-dir", str(cache_dir), "--admin-socket", str(self.admin_socket),
+             *(("--max-size", max_size) if max_size else ()), *extra],
             env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
         wait_for_http(self.metrics_url + "/healthz")
         wait_for_http(self.url + "/")
@@ -134,8 +143,8 @@ class DrainedImgcacheProcess(ImgcacheProcess):
     """An ImgcacheProcess whose stderr is read all along by a thread, so that a busy
     server (a log line per request) never blocks on a full pipe; ``stop()`` returns it."""
 
-    def __init__(self, upstream: str, cache_dir: Path, max_size: str = "2G",
-                 extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, upstream: str, cache_dir: Path, max_size: str | None = "2G",
+                 extra: tuple[str, ...] = (), admin_socket: Path | None = None) -> None:
         super().__init__(upstream, cache_dir, max_size, extra)
         assert self.proc.stderr is not None
         self.stderr_lines: list[str] = []
@@ -159,3 +168,21 @@ class DrainedImgcacheProcess(ImgcacheProcess):
         stop_process(self.proc)
         self._drainer.join(10)
         return "".join(self.stderr_lines)
+
+
+def make_cache(cache_dir: Path, entries: int) -> None:
+    """A cache directory with ``entries`` committed 4 KiB images, as a real run leaves it."""
+    data = cache_dir / "data"
+    data.mkdir(parents=True)
+    (cache_dir / "partial").mkdir()
+    index = diskcache.Cache(str(cache_dir / "index"), eviction_policy="none", cull_limit=0,
+                            size_limit=2**62, statistics=False)
+    now = time.time()
+    with index.transact():
+        for number in range(entries):
+            image_id = str(uuid.uuid4())
+            name = data_file_name(image_id, number)
+            (data / name).write_bytes(b"x" * 4096)
+            entry = Entry(image_id, f"size_only:::{4096}", 4096, name, now, now + number)
+            index.set(image_id, dataclasses.asdict(entry))
+    index.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 
 import aiohttp
@@ -354,3 +355,16 @@ async def test_metadata_size_disagreeing_with_the_body_caches_nothing(
         await imgcache.get(image.id)
     await imgcache.wait_for_metric('imgcache_fills_total{outcome="size_mismatch"}', 1)
     assert (await imgcache.metrics())["imgcache_cache_entries"] == 0
+
+
+async def test_a_truncated_cache_file_is_never_served(
+    glance: GlanceStandin, imgcache: Imgcache
+) -> None:
+    image = await glance.add_image(size=2 * MiB)
+    assert (await imgcache.get(image.id))[0] == 200
+    await imgcache.wait_for_metric('imgcache_fills_total{outcome="committed"}', 1)
+    [name] = await imgcache.data_files()
+    await asyncio.to_thread(os.truncate, imgcache.cache_dir / "data" / name, MiB)
+    status, headers, body = await imgcache.get(image.id)
+    assert status == 200 and headers["X-Cache-Status"] == "MISS"
+    assert sha512(body) == image.os_hash_value
