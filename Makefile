@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
+PROMTOOL_DIR ?= $(HOME)/.cache/imgcache/promtool
 
-.PHONY: setup serve demo test lint system-deps glance-venv bench clean
+.PHONY: setup serve demo test lint system-deps glance-venv bench clean systemd-verify promtool
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,11 +25,51 @@ serve: setup
 demo: setup
 	$(BIN)/imgcache demo $(ARGS)
 
-## system-deps: curl and strace, which the process tests drive and watch imgcache with
+## system-deps: curl and strace, which the process tests drive and watch imgcache with, and
+## tinyproxy (the binary only, no service), the forward proxy of tests/test_upstream_proxy.py
 system-deps:
-	@command -v curl >/dev/null && command -v strace >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq curl strace; \
-	  else echo "install curl and strace (apt-get install curl strace)" >&2; exit 1; fi; }
+	@command -v curl >/dev/null && command -v strace >/dev/null \
+	  && command -v tinyproxy >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq \
+	    && apt-get install -y -qq curl strace tinyproxy-bin; \
+	  else echo "install curl, strace and tinyproxy" \
+	    "(apt-get install curl strace tinyproxy-bin)" >&2; exit 1; fi; }
+
+## systemd-deps: systemd-analyze, which checks systemd/imgcache.service (Debian's systemd;
+## installing it in a container without systemd running starts nothing)
+systemd-deps:
+	@command -v systemd-analyze >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq \
+	    && apt-get install -y -qq --no-install-recommends systemd; \
+	  else echo "install systemd-analyze (apt-get install systemd)" >&2; exit 1; fi; }
+
+## systemd-verify: systemd-analyze verify systemd/imgcache.service, its ExecStart pointed at
+## this venv's imgcache (verify rejects a missing binary; it only warns, exit 0, on unknown
+## keys and bad values, so any output fails too)
+systemd-verify: setup
+	@if ! command -v systemd-analyze >/dev/null; then \
+	  echo "systemd-verify: systemd-analyze not found, the unit was NOT checked" \
+	    "(make systemd-deps installs it)" >&2; exit 1; fi; \
+	tmp=$$(mktemp -d); \
+	sed 's#/opt/imgcache/bin/imgcache#$(abspath $(BIN))/imgcache#' systemd/imgcache.service \
+	  > $$tmp/imgcache.service; \
+	out=$$(systemd-analyze verify $$tmp/imgcache.service 2>&1); rc=$$?; rm -rf $$tmp; \
+	if [ $$rc != 0 ] || [ -n "$$out" ]; then printf '%s\n' "$$out" >&2; \
+	  echo "systemd-verify: systemd/imgcache.service REJECTED" >&2; exit 1; fi; \
+	echo "systemd-verify: systemd/imgcache.service OK"
+
+## promtool: Prometheus's rule checker for config/prometheus-rules.yml, taken out of Debian's
+## prometheus package (a 19 MB download) into $(PROMTOOL_DIR) without installing the package,
+## which would start a Prometheus server and pull in node-exporter
+promtool:
+	@command -v promtool >/dev/null || [ -x $(PROMTOOL_DIR)/promtool ] || { \
+	  tmp=$$(mktemp -d) && cd $$tmp \
+	  && { apt-get download -qq -o APT::Sandbox::User=root prometheus 2>/dev/null \
+	       || { apt-get update -qq && apt-get download -qq -o APT::Sandbox::User=root prometheus; }; } \
+	  && mkdir -p $(PROMTOOL_DIR) \
+	  && dpkg-deb --fsys-tarfile prometheus_*.deb | tar -xO ./usr/bin/promtool > promtool \
+	  && chmod 755 promtool && mv promtool $(PROMTOOL_DIR)/promtool; \
+	  rc=$$?; cd / && rm -rf $$tmp; exit $$rc; }
 
 ## glance-venv: a separate virtualenv with a real glance-api 33 for tests/test_real_glance.py
 glance-venv:
@@ -39,7 +80,7 @@ lint: setup
 	$(BIN)/ruff check imgcache tests bench
 
 ## test: everything the tests need, then lint and the whole test suite
-test: setup system-deps glance-venv lint
+test: setup system-deps systemd-deps promtool glance-venv lint
 	$(BIN)/python -m pytest -p no:cacheprovider $(ARGS)
 
 ## bench: hit throughput against nginx and a cold boot storm (see bench/README.md)

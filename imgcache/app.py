@@ -1,27 +1,35 @@
-"""Wiring: build the proxy app and the metrics app from settings, start and stop them."""
+"""Wiring: build the proxy, metrics and management apps from settings; start, reload, drain
+and stop them."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import uvloop
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from imgcache.admin import bind_admin_socket, create_admin_app, set_socket_access
 from imgcache.authorize import Authorizer
 from imgcache.config import Settings
+from imgcache.errors import ConfigError
 from imgcache.fill import FillRegistry
 from imgcache.handlers import SERVICES, Services, dispatch
+from imgcache.logs import setup_logging
 from imgcache.metrics import Metrics
+from imgcache.notify import SystemdNotifier
+from imgcache.prefetch import Prefetcher
 from imgcache.responses import ZeroCopySender
 from imgcache.store import Store
-from imgcache.upstream import Upstream
+from imgcache.upstream import Upstream, tls_context
+from imgcache.verify import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +38,9 @@ log = logging.getLogger(__name__)
 FILE_THREADS = 32
 #: Biggest request head a client may send (request line plus headers).
 MAX_HEADER_BYTES = 64 * 1024
+#: Settings a SIGHUP applies to the running server; the others need a restart.
+RELOADABLE = frozenset({"max_size", "decision_ttl", "log_level", "log_format", "retries",
+                        "retry_backoff"})
 
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
@@ -39,24 +50,41 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     metrics = metrics or Metrics()
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        # Reads the CA, certificate and key files: off the loop, before anything is served;
+        # a bad file stops start-up (ConfigError) before anything is opened.
+        tls = await asyncio.to_thread(tls_context, settings)
         files = ThreadPoolExecutor(FILE_THREADS, thread_name_prefix="imgcache-files")
         upstream = Upstream(settings.upstream, connect_timeout=settings.connect_timeout,
-                            read_timeout=settings.read_timeout, metrics=metrics)
+                            read_timeout=settings.read_timeout, metrics=metrics,
+                            proxy=settings.proxy, ssl_context=tls)
         store = Store(settings.cache_dir, settings.max_size, metrics, files)
         await store.open()
         await upstream.start()
+        authorizer = Authorizer(upstream, settings.decision_ttl, metrics)
+        fills = FillRegistry(store, upstream, metrics, files, retries=settings.retries,
+                             retry_backoff=settings.retry_backoff)
+        verifier = Verifier(store, metrics)
         services = Services(
             upstream=upstream,
-            authorizer=Authorizer(upstream, settings.decision_ttl, metrics),
+            authorizer=authorizer,
             store=store,
-            fills=FillRegistry(store, upstream, metrics, files, retries=settings.retries,
-                               retry_backoff=settings.retry_backoff),
+            fills=fills,
             sender=ZeroCopySender(files),
             metrics=metrics,
+            prefetcher=Prefetcher(authorizer, store, fills, metrics,
+                                  settings.prefetch_concurrency),
+            verifier=verifier,
         )
         app[SERVICES] = services
+        scrub = (asyncio.get_running_loop().create_task(
+            verifier.scrub_forever(settings.scrub_interval, settings.scrub_rate))
+            if settings.scrub_interval else None)
         yield
-        await services.fills.close()
+        if scrub is not None:
+            scrub.cancel()
+        await services.prefetcher.close()
+        await fills.close()
+        verifier.close()
         await upstream.close()
         await store.close()
         files.shutdown(wait=False, cancel_futures=True)
@@ -84,31 +112,45 @@ def create_metrics_app(metrics: Metrics) -> web.Application:
 
 @dataclass
 class Running:
-    """The addresses a running imgcache listens on (ports resolved when 0 was asked)."""
+    """A running imgcache: its addresses (ports resolved when 0 was asked) and apps."""
 
     proxy_url: str
     metrics_url: str
     proxy_app: web.Application
 
+    @property
+    def services(self) -> Services:
+        """The proxy's services (store, fills, ...)."""
+        return self.proxy_app[SERVICES]
+
 
 @asynccontextmanager
 async def running(settings: Settings) -> AsyncIterator[Running]:
-    """Serve the proxy and the metrics listener until the block exits."""
+    """Serve the proxy, the metrics listener and the management socket until the block
+    exits; then stop accepting, let downloads finish for ``drain_grace``, and close."""
     metrics = Metrics()
     proxy_app = create_app(settings, metrics)
-    proxy = web.AppRunner(proxy_app, access_log=None, shutdown_timeout=5)
+    proxy = web.AppRunner(proxy_app, access_log=None, shutdown_timeout=settings.drain_grace)
     monitor = web.AppRunner(create_metrics_app(metrics), access_log=None)
     await proxy.setup()
-    await monitor.setup()
+    admin: web.AppRunner | None = None
     try:
-        proxy_site = web.TCPSite(proxy, *settings.listen, backlog=1024, reuse_address=True)
-        monitor_site = web.TCPSite(monitor, *settings.metrics_listen, reuse_address=True)
-        await proxy_site.start()
-        await monitor_site.start()
+        await monitor.setup()
+        gid = await bind_admin_socket(settings.admin_socket, settings.admin_socket_mode,
+                                      settings.admin_socket_group)
+        admin = web.AppRunner(create_admin_app(proxy_app[SERVICES], gid), access_log=None)
+        await admin.setup()
+        await web.UnixSite(admin, str(settings.admin_socket)).start()
+        await asyncio.to_thread(set_socket_access, settings.admin_socket,
+                                settings.admin_socket_mode, gid)
+        await web.TCPSite(proxy, *settings.listen, backlog=1024, reuse_address=True).start()
+        await web.TCPSite(monitor, *settings.metrics_listen, reuse_address=True).start()
         yield Running(_url(proxy), _url(monitor), proxy_app)
     finally:
+        if admin is not None:
+            await admin.cleanup()
         await monitor.cleanup()
-        await proxy.cleanup()
+        await proxy.cleanup()  # waits up to drain_grace for running downloads
 
 
 def _url(runner: web.AppRunner) -> str:
@@ -116,20 +158,61 @@ def _url(runner: web.AppRunner) -> str:
     return f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
 
 
-async def serve_forever(settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT."""
-    stop = asyncio.Event()
+def apply_reload(served: Running, old: Settings, new: Settings) -> Settings:
+    """Apply what a SIGHUP may change live; log each change and what needs a restart."""
+    services = served.services
+    changed = [f.name for f in fields(Settings) if getattr(old, f.name) != getattr(new, f.name)]
+    for name in changed:
+        if name not in RELOADABLE:
+            log.warning("reload: %s changed but needs a restart to apply; keeping %r",
+                        name, getattr(old, name))
+            continue
+        log.info("reload: %s %r -> %r", name, getattr(old, name), getattr(new, name))
+    if not changed:
+        log.info("reload: configuration unchanged")
+    applied = {name: getattr(new, name) for name in changed if name in RELOADABLE}
+    if "max_size" in applied:
+        services.store.set_max_bytes(new.max_size)
+    if "decision_ttl" in applied:
+        services.authorizer.ttl = new.decision_ttl
+    if {"retries", "retry_backoff"} & applied.keys():
+        services.fills.set_retry_policy(new.retries, new.retry_backoff)
+    if {"log_level", "log_format"} & applied.keys():
+        setup_logging(new.log_level, new.log_format)
+    kept = {name: getattr(old, name) for name in changed if name not in RELOADABLE}
+    return Settings(**{**{f.name: getattr(new, f.name) for f in fields(Settings)}, **kept})
+
+
+async def serve_forever(settings: Settings, reload: Callable[[], Settings]) -> None:
+    """Serve until SIGTERM or SIGINT (then drain); SIGHUP re-reads the configuration."""
+    received: asyncio.Queue[signal.Signals] = asyncio.Queue()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    async with running(settings) as served:
-        log.info("imgcache serving %s in front of %s (cache %s, cap %d bytes); metrics at %s",
-                 served.proxy_url, ", ".join(settings.upstream), settings.cache_dir,
-                 settings.max_size, served.metrics_url + "/metrics")
-        await stop.wait()
-        log.info("stopping")
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, received.put_nowait, sig)
+    notifier = SystemdNotifier()
+    try:
+        async with running(settings) as served:
+            log.info("imgcache serving %s in front of %s (cache %s, cap %d bytes); metrics "
+                     "at %s/metrics; management socket %s", served.proxy_url,
+                     ", ".join(settings.upstream), settings.cache_dir, settings.max_size,
+                     served.metrics_url, settings.admin_socket)
+            notifier.ready(f"serving {served.proxy_url}")
+            watchdog = asyncio.ensure_future(notifier.watchdog())
+            while await received.get() == signal.SIGHUP:
+                try:
+                    settings = apply_reload(served, settings, reload())
+                except ConfigError as exc:
+                    log.error("reload refused, the running configuration is kept: %s", exc)
+            notifier.stopping(f"draining for up to {settings.drain_grace:.0f} s")
+            log.info("stopping: no new connections; running downloads get %.0f s to "
+                     "finish", settings.drain_grace)
+            watchdog.cancel()
+    finally:
+        notifier.close()
+    log.info("stopped")
 
 
-def run(settings: Settings) -> None:
+def run(settings: Settings, reload: Callable[[], Settings]) -> None:
     """Serve ``settings`` on uvloop until a stop signal."""
-    uvloop.run(serve_forever(settings))
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(serve_forever(settings, reload))

@@ -60,12 +60,58 @@ def parse_urls(text: str) -> tuple[str, ...]:
     return urls
 
 
+def parse_proxy(text: str) -> str | None:
+    """Parse an ``http://HOST:PORT`` forward-proxy URL; empty means no proxy."""
+    text = text.strip().rstrip("/")
+    if not text:
+        return None
+    parts = urlsplit(text)
+    if (parts.scheme != "http" or not parts.hostname or parts.path or parts.query
+            or parts.username is not None):
+        raise ValueError("expected an http://HOST:PORT proxy URL (or empty for none)")
+    return text
+
+
+def parse_optional_path(text: str) -> Path | None:
+    """Parse a file path; empty means not set."""
+    return Path(text.strip()) if text.strip() else None
+
+
+def parse_bool(text: str) -> bool:
+    """Parse true/false, yes/no, on/off or 1/0."""
+    value = text.strip().lower()
+    if value in ("true", "yes", "on", "1"):
+        return True
+    if value in ("false", "no", "off", "0"):
+        return False
+    raise ValueError("expected true or false")
+
+
 def parse_log_level(text: str) -> str:
     """Accept a logging level name."""
     level = text.strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ValueError("expected one of debug, info, warning, error, critical")
     return level
+
+
+def parse_log_format(text: str) -> str:
+    """Accept ``plain`` or ``json``."""
+    value = text.strip().lower()
+    if value not in ("plain", "json"):
+        raise ValueError("expected plain or json")
+    return value
+
+
+def parse_mode(text: str) -> int:
+    """Parse an octal file mode such as ``0600``; only owner and group bits are allowed."""
+    try:
+        mode = int(text.strip(), 8)
+    except ValueError:
+        raise ValueError("expected an octal mode such as 0600 or 0660") from None
+    if mode & ~0o770:
+        raise ValueError("must not grant access to other users (allowed: 0600, 0660, ...)")
+    return mode
 
 
 def _nonnegative(parse: Callable[[str], float]) -> Callable[[str], float]:
@@ -135,6 +181,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("retry_backoff", "upstream", "retry_backoff", "retry-backoff",
            _nonnegative(parse_duration), "1s",
            "Wait before the first retry; doubled for each further one."),
+    Option("proxy", "upstream", "proxy", "proxy", parse_proxy, "",
+           "HTTP proxy (http://HOST:PORT) for image-data downloads only, e.g. a P2P "
+           "engine such as Dragonfly's dfdaemon; empty: straight to Glance."),
+    Option("ca_file", "upstream", "ca_file", "ca-file", parse_optional_path, "",
+           "PEM CA bundle that https Glance certificates are verified against (empty: the "
+           "system CA store)."),
+    Option("cert_file", "upstream", "cert_file", "cert-file", parse_optional_path, "",
+           "PEM client certificate presented to https Glance (may hold the key too)."),
+    Option("key_file", "upstream", "key_file", "key-file", parse_optional_path, "",
+           "PEM private key of cert_file, unencrypted (needs cert_file)."),
+    Option("insecure", "upstream", "insecure", "insecure", parse_bool, "false",
+           "Skip verifying Glance's https certificate (logs a warning at start)."),
     Option("cache_dir", "cache", "dir", "cache-dir", Path, "/var/cache/imgcache",
            "Directory of the cache: image files, partial fills and the index."),
     Option("max_size", "cache", "max_size", "max-size", _positive(parse_size), "10G",
@@ -142,8 +200,28 @@ OPTIONS: tuple[Option, ...] = (
     Option("decision_ttl", "auth", "decision_ttl", "decision-ttl",
            _nonnegative(parse_duration), "30s",
            "How long Glance's 'allowed' answer for a (token, image) is reused; 0 asks every time."),
+    Option("scrub_interval", "cache", "scrub_interval", "scrub-interval",
+           _nonnegative(parse_duration), "24h",
+           "How often every cached image is re-hashed against its digest; 0 turns it off."),
+    Option("scrub_rate", "cache", "scrub_rate", "scrub-rate", _positive(parse_size), "50M",
+           "Most bytes per second the background scrub reads (it competes with clients)."),
+    Option("drain_grace", "server", "drain_grace", "drain-grace",
+           _nonnegative(parse_duration), "30s",
+           "On SIGTERM, how long running downloads may go on before they are cut."),
+    Option("admin_socket", "admin", "socket", "admin-socket", Path,
+           "/run/imgcache/imgcache.sock",
+           "Unix socket of the management API that the imgcache CLI talks to."),
+    Option("admin_socket_mode", "admin", "socket_mode", "admin-socket-mode", parse_mode,
+           "0600", "Permissions of the management socket (0600: its owner only; 0660 with "
+           "socket_group)."),
+    Option("admin_socket_group", "admin", "socket_group", "admin-socket-group", str, "",
+           "Group given access to the management socket (empty: none)."),
+    Option("prefetch_concurrency", "admin", "prefetch_concurrency", "prefetch-concurrency",
+           _positive(_nonnegative_int), "2", "Prefetches downloading at the same time."),
     Option("log_level", "logging", "level", "log-level", parse_log_level, "info",
            "Log level: debug, info, warning, error or critical."),
+    Option("log_format", "logging", "format", "log-format", parse_log_format, "plain",
+           "Log format: plain text lines, or json (one object per line)."),
 )
 
 
@@ -158,10 +236,23 @@ class Settings:
     read_timeout: float
     retries: int
     retry_backoff: float
+    proxy: str | None
+    ca_file: Path | None
+    cert_file: Path | None
+    key_file: Path | None
+    insecure: bool
     cache_dir: Path
     max_size: int
     decision_ttl: float
+    scrub_interval: float
+    scrub_rate: int
+    drain_grace: float
+    admin_socket: Path
+    admin_socket_mode: int
+    admin_socket_group: str
+    prefetch_concurrency: int
     log_level: str
+    log_format: str
 
 
 assert {f.name for f in fields(Settings)} == {o.name for o in OPTIONS}
@@ -237,4 +328,7 @@ def load_settings(
                 f"bad value {text!r} for {option.ini_name} (flag --{option.flag}, "
                 f"env {option.env}) from {source}: {exc}"
             ) from exc
+    if values["key_file"] is not None and values["cert_file"] is None:
+        raise ConfigError("[upstream] key_file (flag --key-file, env IMGCACHE_KEY_FILE) is "
+                          "set without [upstream] cert_file: give the client certificate too")
     return Settings(**values)

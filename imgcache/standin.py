@@ -24,6 +24,7 @@ import pathlib
 import random
 import re
 import signal
+import ssl
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -325,8 +326,10 @@ class GlanceStandin:
         host: str = "127.0.0.1",
         port: int = 0,
         tokens: Iterable[str] = ("token-a",),
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.data_dir = pathlib.Path(data_dir)
+        self.ssl_context = ssl_context  # serve https with it (see `url`)
         self.host = host
         self.port = port
         self.tokens: set[str] = set(tokens)
@@ -356,7 +359,8 @@ class GlanceStandin:
             app, access_log=None, handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT
         )
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
+        await web.TCPSite(self._runner, self.host, self.port,
+                          ssl_context=self.ssl_context).start()
         self.port = self._runner.addresses[0][1]
 
     async def stop(self) -> None:
@@ -368,7 +372,8 @@ class GlanceStandin:
     @property
     def url(self) -> str:
         """The base URL, e.g. ``http://127.0.0.1:9292`` (valid once started)."""
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     # -- test helpers ------------------------------------------------------------------------
 

@@ -81,7 +81,8 @@ class ResumableDownload:
         headers = dict(base)
         if partial and use_range:
             headers["Range"] = f"bytes={offset}-{self._end - 1}"
-        response = await self._upstream.request("GET", path_qs, headers, rotate=rotation)
+        response = await self._upstream.request("GET", path_qs, headers, rotate=rotation,
+                                                image_data=True)
         try:
             skip = self._bytes_to_skip(response, offset, partial and use_range)
             if offset:

@@ -1,11 +1,13 @@
 """The only module that talks to Glance: one aiohttp ClientSession, timeouts fit for
-multi-GB downloads, fail-over across the configured URLs, and aiohttp's exceptions
-translated into errors that carry the status a client should see."""
+multi-GB downloads, fail-over across the configured URLs, TLS to https Glance, an optional
+HTTP proxy for image-data downloads, and aiohttp's exceptions translated into errors that
+carry the status a client should see."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,7 +15,8 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from imgcache.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from imgcache.config import Settings
+from imgcache.errors import ConfigError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from imgcache.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -51,12 +54,59 @@ def _getall(headers: Mapping[str, str], name: str) -> list[str]:
     return [value] if value else []
 
 
+def _no_password() -> bytes:
+    # Without a callback OpenSSL would prompt on the terminal for an encrypted key's
+    # passphrase and hang a service; an empty one makes loading fail with an error instead.
+    return b""
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    """The TLS context for https Glance URLs, from ``[upstream] ca_file``, ``cert_file``,
+    ``key_file`` and ``insecure``. Blocking (it reads files): call it off the event loop,
+    once at start-up. Raises ConfigError naming the key of a missing or bad file."""
+
+    def fail(key: str, path: object, problem: object) -> ConfigError:
+        return ConfigError(f"[upstream] {key} {path}: {problem}")
+
+    for key in ("ca_file", "cert_file", "key_file"):
+        path = getattr(settings, key)
+        if path is not None:
+            try:
+                path.open("rb").close()
+            except OSError as exc:
+                raise fail(key, path, f"cannot read it: {exc.strerror}") from exc
+    try:
+        context = ssl.create_default_context(
+            cafile=str(settings.ca_file) if settings.ca_file else None)
+    except ssl.SSLError as exc:
+        raise fail("ca_file", settings.ca_file, f"no usable PEM CA certificate ({exc})") from exc
+    if settings.cert_file is not None:
+        try:
+            context.load_cert_chain(settings.cert_file, settings.key_file, _no_password)
+        except ssl.SSLError as exc:
+            key_name = "cert_file/key_file" if settings.key_file else "cert_file"
+            raise fail(key_name, settings.cert_file,
+                       f"cannot load the client certificate and its unencrypted key "
+                       f"({exc})") from exc
+    if settings.insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        log.warning("[upstream] insecure = true: Glance's https certificates are NOT "
+                    "verified; anyone on the path can impersonate Glance")
+    return context
+
+
 class Upstream:
-    """A pool of connections to Glance, tried in the configured order."""
+    """A pool of connections to Glance, tried in the configured order. Image-data GETs go
+    through ``proxy`` when one is set; everything else, authorization included, goes to
+    Glance directly."""
 
     def __init__(self, urls: tuple[str, ...], *, connect_timeout: float, read_timeout: float,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, proxy: str | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.urls = urls
+        self.proxy = proxy
+        self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._metrics = metrics
         # No total timeout: a 20 GB image may take many minutes. Silence is what times out.
         self._timeout = aiohttp.ClientTimeout(
@@ -69,7 +119,7 @@ class Upstream:
             timeout=self._timeout,
             auto_decompress=False,
             read_bufsize=2 << 20,
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, ssl=self._ssl),
             skip_auto_headers=_NO_AUTO_HEADERS,
             trust_env=False,
         )
@@ -80,22 +130,38 @@ class Upstream:
             await self._session.close()
 
     async def request(self, method: str, path_qs: str, headers: Mapping[str, str],
-                      data: Any = None, rotate: int = 0) -> aiohttp.ClientResponse:
+                      data: Any = None, rotate: int = 0,
+                      image_data: bool = False) -> aiohttp.ClientResponse:
         """Send a request to the first upstream that accepts the connection; the caller
         must release the response. ``path_qs`` is the raw (still percent-encoded) path
-        and query. Connection failures move on to the next URL (nothing was sent yet);
-        other failures raise an UpstreamError subclass. ``rotate`` starts the round at
-        another URL (a retry goes to the next upstream first)."""
+        and query. Connection and TLS failures move on to the next URL (nothing was sent
+        yet); other failures raise an UpstreamError subclass. ``rotate`` starts the round
+        at another URL (a retry goes to the next upstream first). ``image_data`` marks an
+        image-data GET: it goes through the configured proxy, if any."""
         assert self._session is not None, "Upstream.start() was not called"
         failure: UpstreamError = UpstreamUnavailable("no upstream configured")
         start = rotate % len(self.urls) if self.urls else 0
+        proxy = self.proxy if image_data else None
         for base in self.urls[start:] + self.urls[:start]:
             url = URL(base + path_qs, encoded=True)
             try:
                 return await self._session.request(
                     method, url, headers=end_to_end_headers(headers), data=data,
-                    allow_redirects=False, compress=None, chunked=None,
+                    allow_redirects=False, compress=None, chunked=None, proxy=proxy,
                 )
+            except aiohttp.ClientProxyConnectionError as exc:
+                self._metrics.upstream_errors.labels("connect").inc()
+                failure = UpstreamUnavailable(
+                    f"cannot connect to the image-data proxy {proxy}: {exc.os_error}")
+            except aiohttp.ClientConnectorCertificateError as exc:
+                self._metrics.upstream_errors.labels("tls").inc()
+                reason = getattr(exc.certificate_error, "verify_message", None)
+                failure = UpstreamError(
+                    f"TLS certificate verification of Glance at {base} failed: "
+                    f"{reason or exc.certificate_error} (see [upstream] ca_file)")
+            except aiohttp.ClientSSLError as exc:
+                self._metrics.upstream_errors.labels("tls").inc()
+                failure = UpstreamError(f"TLS handshake with Glance at {base} failed: {exc}")
             except aiohttp.ConnectionTimeoutError:
                 self._metrics.upstream_errors.labels("timeout").inc()
                 failure = UpstreamTimeout(f"connecting to Glance at {base} timed out")
@@ -107,6 +173,12 @@ class Upstream:
             except TimeoutError as exc:
                 self._metrics.upstream_errors.labels("timeout").inc()
                 raise UpstreamTimeout(f"Glance at {base} did not answer in time") from exc
+            except aiohttp.ServerDisconnectedError as exc:
+                self._metrics.upstream_errors.labels("broken").inc()
+                hint = ("; over TLS 1.3 this is also how Glance refuses a missing or "
+                        "untrusted client certificate ([upstream] cert_file)"
+                        if url.scheme == "https" else "")
+                raise UpstreamError(f"request to Glance at {base} failed: {exc}{hint}") from exc
             except aiohttp.ClientError as exc:
                 self._metrics.upstream_errors.labels("broken").inc()
                 raise UpstreamError(f"request to Glance at {base} failed: {exc}") from exc

@@ -4,10 +4,7 @@ talks to real servers on loopback: a Glance stand-in and imgcache itself."""
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +12,11 @@ import aiohttp
 import pytest
 import uvloop
 from blockbuster import blockbuster_ctx
+from inloop import OTHER_TOKEN, TOKEN, Imgcache, ImgcacheFactory
 
 from imgcache.app import Running, running
 from imgcache.config import load_settings
-from imgcache.handlers import Services
 from imgcache.standin import GlanceStandin
-
-TOKEN = "token-a"
-OTHER_TOKEN = "token-b"
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Mapping[str, Any]:
@@ -57,53 +51,7 @@ async def glance(glance_dir: Path) -> AsyncIterator[GlanceStandin]:
     await standin.stop()
 
 
-@dataclass
-class Imgcache:
-    """An imgcache app running in the test's loop, and a client session to it."""
 
-    url: str
-    metrics_url: str
-    services: Services
-    session: aiohttp.ClientSession
-    cache_dir: Path
-    admin_socket: Path
-
-    def data_url(self, image_id: str) -> str:
-        """URL of an image's data through imgcache."""
-        return f"{self.url}/v2/images/{image_id}/file"
-
-    async def data_files(self) -> list[str]:
-        """Names of the committed image files on disk (listed off the loop)."""
-        return sorted(await asyncio.to_thread(os.listdir, self.cache_dir / "data"))
-
-    async def metrics(self) -> dict[str, float]:
-        """The current Prometheus samples, name{labels} -> value."""
-        async with self.session.get(self.metrics_url + "/metrics") as response:
-            text = await response.text()
-        samples = {}
-        for line in text.splitlines():
-            match = re.match(r"^(imgcache_\S+) (\S+)$", line)
-            if match:
-                samples[match.group(1)] = float(match.group(2))
-        return samples
-
-    async def wait_for_metric(self, name: str, value: float, timeout: float = 30) -> None:
-        """Wait until a sample reaches ``value`` (fills commit after clients finish)."""
-        async with asyncio.timeout(timeout):
-            while (await self.metrics()).get(name, 0) < value:
-                await asyncio.sleep(0.02)
-
-    async def get(self, image_id: str, token: str | None = TOKEN,
-                  headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-        """Download an image through imgcache: status, headers and the whole body."""
-        all_headers = {"X-Auth-Token": token} if token else {}
-        all_headers.update(headers or {})
-        async with self.session.get(self.data_url(image_id), headers=all_headers) as response:
-            body = await response.read()
-            return response.status, dict(response.headers), body
-
-
-ImgcacheFactory = Callable[..., Any]
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import time
 
 import aiohttp
 import pytest
-from conftest import OTHER_TOKEN, TOKEN, Imgcache, ImgcacheFactory
+from inloop import OTHER_TOKEN, TOKEN, Imgcache, ImgcacheFactory
 
 from imgcache.standin import Fault, GlanceStandin
 

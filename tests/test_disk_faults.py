@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ImgcacheFactory
+from inloop import ImgcacheFactory
 
 from imgcache.standin import Fault, GlanceStandin
 

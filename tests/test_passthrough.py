@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from conftest import TOKEN, Imgcache, ImgcacheFactory
+from inloop import TOKEN, Imgcache, ImgcacheFactory
 from yarl import URL
 
 from imgcache.standin import GlanceStandin

@@ -7,7 +7,7 @@ import hashlib
 
 import aiohttp
 import pytest
-from conftest import TOKEN, Imgcache, ImgcacheFactory
+from inloop import TOKEN, Imgcache, ImgcacheFactory
 
 from imgcache.standin import Fault, GlanceStandin
 
