@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from imgcache.authorize import Authorizer, Denied, ImageInfo
-from imgcache.errors import FillError, ImgcacheError, NoSpace
+from imgcache.errors import BadRequest, FillError, ImgcacheError, NoSpace
 from imgcache.fill import Fill, FillFailed, FillRegistry
 from imgcache.keys import parse_image_id
 from imgcache.metrics import Metrics
@@ -54,6 +54,9 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     match = _DATA_PATH.match(request.path)
     try:
+        if not request.raw_path.startswith("/"):
+            raise BadRequest("the request target must be a path such as /v2/images "
+                             "(absolute-form and asterisk-form targets are not proxied)")
         if request.method == "GET" and match:
             return await ImageDataRequest(services, request, match.group(1)).serve()
         return await pass_through(services, request)

@@ -75,19 +75,29 @@ class ImgcacheProcess:
     """``imgcache serve`` as a real process."""
 
     def __init__(self, upstream: str, cache_dir: Path, max_size: str | None = "2G",
-                 extra: tuple[str, ...] = (), admin_socket: Path | None = None) -> None:
+                 extra: tuple[str, ...] = (), admin_socket: Path | None = None,
+                 env: dict[str, str] | None = None, wrapper: tuple[str, ...] = (),
+                 wait: bool = True) -> None:
+        """Start the server (``env`` adds variables, ``wrapper`` is a command prefix that
+        execs it); unless ``wait`` is False, return once both listeners answer."""
         self.port = free_port()
         self.metrics_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}"
         self.admin_socket = admin_socket or cache_dir.parent / f"admin-{self.port}.sock"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("IMGCACHE_")}
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("IMGCACHE_")}
         self.proc = subprocess.Popen(
-            [IMGCACHE, "serve", "--listen", f"127.0.0.1:{self.port}",
+            [*wrapper, IMGCACHE, "serve", "--listen", f"127.0.0.1:{self.port}",
              "--metrics-listen", f"127.0.0.1:{self.metrics_port}", "--upstream", upstream,
              "--cache-dir", str(cache_dir), "--admin-socket", str(self.admin_socket),
              *(("--max-size", max_size) if max_size else ()), *extra],
-            env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
+            env={**environ, **(env or {})}, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
+        if wait:
+            self.wait_until_serving()
+
+    def wait_until_serving(self) -> None:
+        """Wait until /healthz and the proxy listener answer."""
         wait_for_http(self.metrics_url + "/healthz")
         wait_for_http(self.url + "/")
 
