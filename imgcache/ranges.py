@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from imgcache.errors import BadRequest, RangeNotSatisfiable
 
-_SPEC = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
+_SPEC = re.compile(r"^[ \t]*bytes[ \t]*=[ \t]*([0-9]*)[ \t]*-[ \t]*([0-9]*)[ \t]*$", re.IGNORECASE)
 _MAX_DIGITS = 19  # beyond any file size; keeps int() of a hostile header cheap
 
 
