@@ -1,6 +1,7 @@
 """Glance decides who reads an image: every image-data GET is authorized by asking Glance
 for the image's metadata with the caller's own headers. Only "allowed" answers are
-remembered, per (credentials, image), for a short TTL; tokens are kept as hashes only."""
+remembered, per (credentials, image), for a short TTL; credentials are kept as hashes only,
+and a caller who sent none is asked about every time."""
 
 from __future__ import annotations
 
@@ -19,8 +20,17 @@ from imgcache.errors import UpstreamError
 from imgcache.metrics import Metrics
 from imgcache.upstream import Upstream, end_to_end_headers
 
-#: Request headers that are credentials: they key the decision cache.
-CREDENTIAL_HEADERS = ("X-Auth-Token", "X-Service-Token", "Authorization")
+#: Request headers that cannot carry who the caller is; every OTHER header keys the decision
+#: cache, so that no header Glance (or a middleware in front of it) might read as a
+#: credential is ever left out: X-Auth-Token, X-Storage-Token, X-Service-Token,
+#: Authorization, X-Roles for a noauth Glance, underscore spellings, cookies...
+NON_IDENTITY_HEADERS = frozenset({
+    "host", "user-agent", "accept", "accept-encoding", "accept-language", "connection",
+    "keep-alive", "content-length", "content-type", "transfer-encoding", "expect", "range",
+    "if-range", "if-match", "if-none-match", "if-modified-since", "if-unmodified-since",
+    "x-openstack-request-id", "te", "upgrade", "via", "x-forwarded-for", "traceparent",
+    "tracestate",
+})
 #: Request headers that must not reach the metadata GET (they describe the data request).
 _DATA_ONLY_HEADERS = ("Range", "If-Range", "Content-Length", "Content-Type",
                       "Transfer-Encoding", "Expect", "Accept-Encoding")
@@ -49,11 +59,20 @@ class Denied(Exception):
         self.body = body
 
 
-def credential_fingerprint(headers: Mapping[str, str]) -> str:
-    """A hash of the caller's credentials, so a decision is reused only for the same ones."""
+def credential_fingerprint(headers: Mapping[str, str]) -> str | None:
+    """A hash of every header that could say who the caller is (names folded the way WSGI
+    servers fold them: case, and ``_`` as ``-``), so that a decision is reused only for
+    exactly the same credentials; None when the caller sent none, whose decisions are never
+    reused (Glance may have judged something we cannot see)."""
+    identity = sorted(
+        (name.lower().replace("_", "-"), value) for name, value in headers.items()
+        if name.lower().replace("_", "-") not in NON_IDENTITY_HEADERS
+    )
+    if not identity:
+        return None
     digest = hashlib.sha256()
-    for name in CREDENTIAL_HEADERS:
-        digest.update(headers.get(name, "").encode("utf-8", "surrogateescape") + b"\0")
+    for name, value in identity:
+        digest.update(f"{name}\0{value}\0".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
@@ -83,7 +102,10 @@ class Authorizer:
     async def authorize(self, image_id: str, headers: Mapping[str, str]) -> ImageInfo:
         """The image's metadata as this caller sees it; raises Denied with Glance's answer
         when Glance does not answer 200. Concurrent identical questions share one GET."""
-        key = (credential_fingerprint(headers), image_id)
+        fingerprint = credential_fingerprint(headers)
+        if fingerprint is None:
+            return await self._ask(None, image_id, headers)
+        key = (fingerprint, image_id)
         remembered = self._allowed.get(key)
         if remembered is not None:
             if remembered[0] > time.monotonic():
@@ -102,7 +124,7 @@ class Authorizer:
         for key in [k for k in self._allowed if k[1] == image_id]:
             del self._allowed[key]
 
-    async def _ask(self, key: tuple[str, str], image_id: str,
+    async def _ask(self, key: tuple[str, str] | None, image_id: str,
                    headers: Mapping[str, str]) -> ImageInfo:
         forwarded = end_to_end_headers(headers)
         for name in _DATA_ONLY_HEADERS:
@@ -122,7 +144,7 @@ class Authorizer:
         except (ValueError, AttributeError) as exc:
             raise UpstreamError(f"Glance's metadata of image {image_id} is not JSON") from exc
         self._metrics.auth_checks.labels("allowed").inc()
-        if self.ttl > 0:
+        if self.ttl > 0 and key is not None:
             if len(self._allowed) >= _MAX_DECISIONS:
                 self._prune()
             self._allowed[key] = (time.monotonic() + self.ttl, info)

@@ -7,6 +7,7 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -14,7 +15,7 @@ from aiohttp import web
 from imgcache.authorize import Authorizer, Denied, ImageInfo
 from imgcache.errors import BadRequest, FillError, ImgcacheError, NoSpace
 from imgcache.fill import Fill, FillFailed, FillRegistry
-from imgcache.keys import parse_image_id
+from imgcache.keys import data_path, parse_image_id
 from imgcache.metrics import Metrics
 from imgcache.prefetch import Prefetcher
 from imgcache.ranges import ByteRange, parse_range
@@ -57,11 +58,25 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         if not request.raw_path.startswith("/"):
             raise BadRequest("the request target must be a path such as /v2/images "
                              "(absolute-form and asterisk-form targets are not proxied)")
+        _refuse_undecodable(request)
         if request.method == "GET" and match:
             return await ImageDataRequest(services, request, match.group(1)).serve()
         return await pass_through(services, request)
     except ImgcacheError as exc:
         return error_response(exc)
+
+
+def _refuse_undecodable(request: web.Request) -> None:
+    """A header or target byte that is not UTF-8 could not be forwarded as it was sent
+    (Glance would judge other credentials than the client's): refuse the request."""
+    try:
+        request.raw_path.encode()
+        for name, value in request.raw_headers:
+            name.decode()
+            value.decode()
+    except UnicodeError:
+        raise BadRequest("the request holds bytes that are not UTF-8 in its target or "
+                         "headers") from None
 
 
 def error_response(exc: ImgcacheError) -> web.Response:
@@ -70,10 +85,12 @@ def error_response(exc: ImgcacheError) -> web.Response:
 
 
 async def pass_through(services: Services, request: web.Request,
-                       cache_status: str | None = None) -> web.StreamResponse:
+                       cache_status: str | None = None,
+                       on_sent: Callable[[int], None] | None = None) -> web.StreamResponse:
     """Forward the request to Glance and stream the answer back, bodies never buffered
     whole. ``cache_status`` adds an X-Cache-Status header (BYPASS downloads, which are
-    image data and so go through ``[upstream] proxy`` when one is set)."""
+    image data and so go through ``[upstream] proxy`` when one is set); ``on_sent`` counts
+    the body bytes sent."""
     services.metrics.passthrough_requests.inc()
     body = request.content if request.body_exists else None
     upstream = await services.upstream.request(
@@ -92,8 +109,12 @@ async def pass_through(services: Services, request: web.Request,
                 if cache_status:
                     services.metrics.upstream_bytes.inc(len(chunk))
                 await response.write(chunk)
-        except ConnectionResetError:
-            raise
+                if on_sent is not None:
+                    on_sent(len(chunk))
+        except ConnectionResetError:  # the client went away: routine, nothing to report
+            log.debug("%s %s: the client went away mid-body", request.method, request.path)
+            _abort(request)
+            return response
         except Exception as exc:
             # The status line is gone: all that is left is not to end the body cleanly.
             log.warning("%s %s: %s; aborting the client connection", request.method,
@@ -156,7 +177,7 @@ class ImageDataRequest:
 
         try:
             await self.services.fills.new_download().run(
-                self.request.raw_path, self.request.headers, info.expected.size, forward,
+                data_path(info.image_id), self.request.headers, info.expected.size, forward,
                 start=position, end=end)
         except (ImgcacheError, FillError) as exc:
             log.warning("request %s: Glance failed too (%s); aborting", self.request_id, exc)
@@ -187,7 +208,9 @@ class ImageDataRequest:
                          info.status)
             # Glance answers these itself (204 without data, 403 deactivated...).
             self.result = "bypass"
-            return await pass_through(self.services, self.request, "BYPASS")
+            return await pass_through(self.services, self.request, "BYPASS", self._count_sent)
+        if len(self.request.headers.getall("Range", [])) > 1:
+            raise BadRequest("only one byte range per request is supported")
         byte_range = parse_range(self.request.headers.get("Range"), info.expected.size)
         for _ in range(3):  # an entry or fill can vanish between two looks
             entry = self.services.store.lookup(image_id, info.expected.key)
@@ -199,11 +222,12 @@ class ImageDataRequest:
                 continue
             try:
                 joined = self.services.fills.join_or_start(
-                    image_id, info.expected, self.request.raw_path, self.request.headers)
+                    image_id, info.expected, data_path(image_id), self.request.headers)
             except NoSpace as exc:
                 log.info("image %s not cached (%s); streaming it through", image_id, exc)
                 self.result = "bypass"
-                return await pass_through(self.services, self.request, "BYPASS")
+                return await pass_through(self.services, self.request, "BYPASS",
+                                          self._count_sent)
             if isinstance(joined, Entry):
                 continue
             fill, started = joined
@@ -212,7 +236,7 @@ class ImageDataRequest:
                 self.result = "miss" if started else "coalesced"
                 return await self._send(info, byte_range, fd, fill)
         self.result = "bypass"
-        return await pass_through(self.services, self.request, "BYPASS")
+        return await pass_through(self.services, self.request, "BYPASS", self._count_sent)
 
     async def _send(self, info: ImageInfo, byte_range: ByteRange | None, fd: int,
                     fill: Fill | None) -> web.StreamResponse:

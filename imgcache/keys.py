@@ -31,3 +31,9 @@ def data_file_name(image_id: str, generation: int) -> str:
 def partial_file_name(image_id: str, attempt: int) -> str:
     """The file name of an in-progress fill; ``attempt`` keeps concurrent generations apart."""
     return f"{image_id}.{attempt}.partial"
+
+
+def data_path(image_id: str) -> str:
+    """Glance's path of an image's data, for the canonical id (a client may have spelled
+    it in another case, which a Glance on PostgreSQL would not find)."""
+    return f"/v2/images/{image_id}/file"

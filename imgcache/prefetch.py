@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from imgcache.authorize import Authorizer, Denied
 from imgcache.errors import ImgcacheError, NoSpace
 from imgcache.fill import Fill, FillRegistry
+from imgcache.keys import data_path
 from imgcache.metrics import Metrics
 from imgcache.store import Store
 
@@ -111,7 +112,7 @@ class Prefetcher:
             self._store.check_pin_fits(job.size)
         for _ in range(3):
             joined = self._fills.join_or_start(
-                job.image_id, info.expected, f"/v2/images/{job.image_id}/file", headers)
+                job.image_id, info.expected, data_path(job.image_id), headers)
             if not isinstance(joined, tuple):
                 break
             job.fill = joined[0]

@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,31 @@ class DrainedImgcacheProcess(ImgcacheProcess):
     def open_fds(self) -> int:
         """How many file descriptors the server has open now."""
         return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def client_connections(self) -> int:
+        """How many client connections (established, on its listening port) the server
+        holds open now."""
+        return self._sockets(lambda local, remote, state: local == self.port and state == "01")
+
+    def upstream_connections(self, upstream_port: int) -> int:
+        """How many of the server's sockets are connections to ``upstream_port``."""
+        return self._sockets(lambda local, remote, state: remote == upstream_port)
+
+    def _sockets(self, wanted: Callable[[int, int, str], bool]) -> int:
+        """The server's TCP sockets whose (local port, remote port, state) are ``wanted``."""
+        inodes = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(FileNotFoundError):
+                for line in Path(table).read_text().splitlines()[1:]:
+                    fields = line.split()
+                    local, remote = (int(f.rsplit(":", 1)[1], 16) for f in fields[1:3])
+                    if wanted(local, remote, fields[3]):
+                        inodes.add(f"socket:[{fields[9]}]")
+        held = set()
+        for fd in os.listdir(f"/proc/{self.pid}/fd"):
+            with contextlib.suppress(OSError):
+                held.add(os.readlink(f"/proc/{self.pid}/fd/{fd}"))
+        return len(held & inodes)
 
     def rss(self) -> int:
         """The server's resident memory (VmRSS) now, in bytes."""

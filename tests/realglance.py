@@ -6,6 +6,7 @@ Standard library only: the tests run in the project's venv, Glance runs in its o
 
 from __future__ import annotations
 
+import configparser
 import http.client
 import json
 import os
@@ -15,7 +16,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from processes import free_port, stop_process
@@ -73,12 +74,107 @@ def tail(path: pathlib.Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-class RealGlance:
-    """A real glance-api (file store, sqlite, no keystone) running under gunicorn on loopback."""
+def clean_env(venv: pathlib.Path, **extra: str) -> dict[str, str]:
+    """This process's environment for a program of ``venv``: its bin first on PATH, none of the
+    variables that would make its python pick up the project's venv, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_ENV}
+    env["PYTHONWARNINGS"] = "ignore::DeprecationWarning"  # eventlet's, on every import
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
 
-    def __init__(self, state_dir: pathlib.Path, venv: pathlib.Path | None = None) -> None:
+
+def start_gunicorn(
+    venv: pathlib.Path,
+    app: str,
+    *,
+    cwd: pathlib.Path,
+    env: dict[str, str],
+    access_log: pathlib.Path,
+    server_log: pathlib.Path,
+    workers: int = 2,
+    port: int = 0,
+    preload: bool = False,
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``gunicorn APP`` of ``venv`` on 127.0.0.1 (``port``, or a free one) in its own
+    process group, its output appended to ``server_log``; return the process and the port.
+    ``preload`` imports the app once in the master instead of once per worker."""
+    port = port or free_port()
+    # fmt: off
+    cmd = [
+        venv / "bin" / "gunicorn",
+        "--bind", f"127.0.0.1:{port}",
+        "--workers", str(workers),
+        "--timeout", "300",
+        "--no-control-socket",
+        "--access-logfile", access_log,
+        *(["--preload"] if preload else []),
+        app,
+    ]
+    # fmt: on
+    with server_log.open("ab") as log:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return proc, port
+
+
+def write_ini(path: pathlib.Path, text: str, overrides: Mapping[str, Mapping[str, str]]) -> None:
+    """Write the INI ``text`` to ``path`` with ``overrides`` ({section: {key: value}}) set."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keep keys' case
+    parser.read_string(text)
+    parser.read_dict(overrides)
+    with path.open("w") as fh:
+        parser.write(fh)
+
+
+def answers(url: str) -> bool:
+    """Whether ``url`` answers with an HTTP status below 500."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return bool(resp.status < 500)
+    except urllib.error.HTTPError as err:
+        return err.code < 500
+    except OSError:
+        return False
+
+
+def wait_until_answers(
+    proc: subprocess.Popen[bytes], url: str, timeout: float, what: str
+) -> None:
+    """Poll ``url`` until it answers (see ``answers``); raise RuntimeError if ``proc`` exits
+    or ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while not answers(url):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} while starting")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not answer on {url} within {timeout} s")
+        time.sleep(0.2)
+
+
+class RealGlance:
+    """A real glance-api (file store, sqlite) running under gunicorn on loopback; no keystone
+    unless ``overrides`` configure it (see tests/interop/stack.py)."""
+
+    def __init__(
+        self,
+        state_dir: pathlib.Path,
+        venv: pathlib.Path | None = None,
+        overrides: Mapping[str, Mapping[str, str]] | None = None,
+        workers: int = 2,
+    ) -> None:
         self.state_dir = pathlib.Path(state_dir)
         self.venv = venv if venv is not None else glance_venv()
+        self.overrides = overrides or {}
+        self.workers = workers
         self.venv_python = self.venv / "bin" / "python"
         self.port = 0
         self.url = ""
@@ -95,11 +191,7 @@ class RealGlance:
         self.stop()
 
     def _env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_ENV}
-        env["OS_GLANCE_CONFIG_DIR"] = str(self.state_dir)
-        env["PYTHONWARNINGS"] = "ignore::DeprecationWarning"  # eventlet's, on every import
-        env["PATH"] = f"{self.venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-        return env
+        return clean_env(self.venv, OS_GLANCE_CONFIG_DIR=str(self.state_dir))
 
     def _write_config(self) -> pathlib.Path:
         for sub in ("images", "staging", "tasks", "locks"):
@@ -109,10 +201,11 @@ class RealGlance:
             self.state_dir / "glance-api-paste.ini",
         )
         conf = self.state_dir / "glance-api.conf"
-        conf.write_text(CONFIG_TEMPLATE.format(state=self.state_dir))
+        write_ini(conf, CONFIG_TEMPLATE.format(state=self.state_dir), self.overrides)
         return conf
 
-    def _logs(self) -> str:
+    def logs(self) -> str:
+        """The tails of gunicorn's and Glance's logs, for error messages."""
         return "\n".join(f"--- {log}:\n{tail(log)}" for log in (self.server_log, self.glance_log))
 
     def start(self, timeout: float = 90) -> None:
@@ -134,52 +227,21 @@ class RealGlance:
             out = "\n".join((sync.stdout + sync.stderr).splitlines()[-40:])
             raise RuntimeError(f"glance-manage db_sync failed ({sync.returncode}):\n{out}")
 
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        # fmt: off
-        cmd = [
-            self.venv / "bin" / "gunicorn",
-            "--bind", f"127.0.0.1:{self.port}",
-            "--workers", "2",
-            "--timeout", "300",
-            "--no-control-socket",
-            "--access-logfile", self.access_log,
+        self._proc, self.port = start_gunicorn(
+            self.venv,
             "glance.wsgi.api:application",
-        ]
-        # fmt: on
-        with self.server_log.open("ab") as log:
-            self._proc = subprocess.Popen(
-                cmd,
-                cwd=self.state_dir,
-                env=self._env(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._proc.poll() is not None:
-                code = self._proc.returncode
-                self.stop()
-                raise RuntimeError(f"glance-api exited with {code} while starting:\n{self._logs()}")
-            if self._answers():
-                return
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(
-                    f"glance-api did not answer on {self.url} within {timeout} s:\n{self._logs()}"
-                )
-            time.sleep(0.2)
-
-    def _answers(self) -> bool:
+            cwd=self.state_dir,
+            env=self._env(),
+            access_log=self.access_log,
+            server_log=self.server_log,
+            workers=self.workers,
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
         try:
-            with urllib.request.urlopen(f"{self.url}/versions", timeout=2) as resp:
-                return bool(resp.status < 500)
-        except urllib.error.HTTPError as err:
-            return err.code < 500
-        except OSError:
-            return False
+            wait_until_answers(self._proc, f"{self.url}/versions", timeout, "glance-api")
+        except RuntimeError as exc:
+            self.stop()
+            raise RuntimeError(f"{exc}:\n{self.logs()}") from None
 
     def stop(self) -> None:
         """Stop gunicorn and its workers (SIGTERM, then SIGKILL after 10 s); idempotent."""

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Create (or reuse) the virtualenv that holds a real glance-api for the realglance tests.
+# Create (or reuse) the virtualenv that holds a real OpenStack for the tests: glance-api and
+# python-glanceclient for the realglance tests, plus keystone and openstacksdk for the interop
+# suite (tests/interop/).
 #
-# Glance lives in its own venv so that its many OpenStack dependencies never mix with the
-# project's. The venv is reused when its marker file names the pinned versions below and the
-# packages import; otherwise it is rebuilt from PyPI.
+# OpenStack lives in its own venv so that its many dependencies never mix with the project's.
+# The venv is reused when its marker file names the pinned versions below and the packages
+# import; otherwise it is rebuilt from PyPI.
 #
 #   GLANCE_TEST_VENV    where the venv lives (default ~/.cache/imgcache/glance-venv)
 #   GLANCE_TEST_PYTHON  the interpreter to build it with (default python3, 3.11 here)
@@ -12,12 +14,15 @@ set -euo pipefail
 GLANCE_VERSION=33.0.0
 GUNICORN_VERSION=27.0.1
 GLANCECLIENT_VERSION=4.13.0
+KEYSTONE_VERSION=30.0.0
+OPENSTACKSDK_VERSION=4.22.0
 
 VENV="${GLANCE_TEST_VENV:-$HOME/.cache/imgcache/glance-venv}"
 PYTHON="${GLANCE_TEST_PYTHON:-python3}"
 MARKER="$VENV/.imgcache-glance-versions"
 PINS=("glance==$GLANCE_VERSION" "gunicorn==$GUNICORN_VERSION"
-      "python-glanceclient==$GLANCECLIENT_VERSION")
+      "python-glanceclient==$GLANCECLIENT_VERSION" "keystone==$KEYSTONE_VERSION"
+      "openstacksdk==$OPENSTACKSDK_VERSION")
 
 py_version="$("$PYTHON" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')"
 wanted="${PINS[*]} python==$py_version"
@@ -26,7 +31,9 @@ wanted="${PINS[*]} python==$py_version"
 venv_ok() {
     [[ -f "$MARKER" ]] && [[ "$(cat "$MARKER")" == "$wanted" ]] \
         && [[ -x "$VENV/bin/gunicorn" && -x "$VENV/bin/glance-manage" ]] \
-        && "$VENV/bin/python" -c 'import glance, glanceclient, gunicorn' 2>/dev/null
+        && [[ -x "$VENV/bin/keystone-manage" ]] \
+        && "$VENV/bin/python" -c 'import glance, glanceclient, gunicorn, keystone, openstack' \
+            2>/dev/null
 }
 
 mkdir -p "$(dirname "$VENV")"
