@@ -94,6 +94,13 @@ class ImgcacheProcess:
              *(("--max-size", max_size) if max_size else ()), *extra],
             env={**environ, **(env or {})}, stderr=subprocess.PIPE, text=True,
             start_new_session=True)
+        # Read stderr all along: a busy server (a log line per request) must never block
+        # on a full pipe.
+        assert self.proc.stderr is not None
+        self.stderr_lines: list[str] = []
+        self._drainer = threading.Thread(
+            target=self.stderr_lines.extend, args=(self.proc.stderr,), daemon=True)
+        self._drainer.start()
         if wait:
             self.wait_until_serving()
 
@@ -125,43 +132,17 @@ class ImgcacheProcess:
 
     def peak_rss(self) -> int:
         """The process's peak resident memory (VmHWM) in bytes."""
+        return self._status_bytes("VmHWM")
+
+    def rss(self) -> int:
+        """The server's resident memory (VmRSS) now, in bytes."""
+        return self._status_bytes("VmRSS")
+
+    def _status_bytes(self, field: str) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmHWM in /proc status")
-
-    def stop(self) -> str:
-        """Stop the server; return what it wrote on stderr."""
-        stop_process(self.proc)
-        assert self.proc.stderr is not None
-        return self.proc.stderr.read()
-
-
-def stop_process(proc: subprocess.Popen[Any], grace: float = 10) -> None:
-    """SIGTERM a process started with start_new_session=True, then kill what is left of its
-    process group (gunicorn workers, say) after ``grace`` seconds."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(grace)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-class DrainedImgcacheProcess(ImgcacheProcess):
-    """An ImgcacheProcess whose stderr is read all along by a thread, so that a busy
-    server (a log line per request) never blocks on a full pipe; ``stop()`` returns it."""
-
-    def __init__(self, upstream: str, cache_dir: Path, max_size: str | None = "2G",
-                 extra: tuple[str, ...] = (), admin_socket: Path | None = None) -> None:
-        super().__init__(upstream, cache_dir, max_size, extra)
-        assert self.proc.stderr is not None
-        self.stderr_lines: list[str] = []
-        self._drainer = threading.Thread(
-            target=self.stderr_lines.extend, args=(self.proc.stderr,), daemon=True)
-        self._drainer.start()
+        raise RuntimeError(f"no {field} in /proc status")
 
     def open_fds(self) -> int:
         """How many file descriptors the server has open now."""
@@ -192,18 +173,24 @@ class DrainedImgcacheProcess(ImgcacheProcess):
                 held.add(os.readlink(f"/proc/{self.pid}/fd/{fd}"))
         return len(held & inodes)
 
-    def rss(self) -> int:
-        """The server's resident memory (VmRSS) now, in bytes."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS in /proc status")
-
     def stop(self) -> str:
         """Stop the server; return everything it wrote on stderr."""
         stop_process(self.proc)
         self._drainer.join(10)
         return "".join(self.stderr_lines)
+
+
+def stop_process(proc: subprocess.Popen[Any], grace: float = 10) -> None:
+    """SIGTERM a process started with start_new_session=True, then kill what is left of its
+    process group (gunicorn workers, say) after ``grace`` seconds."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def make_cache(cache_dir: Path, entries: int) -> None:

@@ -30,7 +30,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from inloop import TOKEN, Imgcache
-from processes import DrainedImgcacheProcess, StandinProcess
+from processes import ImgcacheProcess, StandinProcess
 
 from imgcache.standin import GlanceStandin
 
@@ -202,7 +202,7 @@ class Stage:
     root: Path
     cache_dir: Path
     standin: StandinProcess
-    server: DrainedImgcacheProcess
+    server: ImgcacheProcess
     image_id: str
     image: bytes = field(repr=False)
     unaccounted: float = 0  # cache bytes beyond the entries' (leaked by an earlier test)
@@ -300,7 +300,7 @@ def stage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stage]:
                      root / "nest" / "deeper" / "sentinel"):
         sentinel.write_text("must stay as it is\n")
     standin = StandinProcess(root / "glance", "1M")
-    server = DrainedImgcacheProcess(standin.url, cache_dir, max_size="1G")
+    server = ImgcacheProcess(standin.url, cache_dir, max_size="1G")
     try:
         path = f"/v2/images/{standin.image_id}/file"
         image = exchange(int(standin.url.rsplit(":", 1)[1]), http(target=path))[0].body

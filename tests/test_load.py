@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import pytest
 import uvloop
-from processes import DrainedImgcacheProcess
+from processes import ImgcacheProcess
 
 from imgcache.standin import Fault, GlanceStandin, StandinImage
 
@@ -109,16 +109,16 @@ def glance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StandinThread]:
 
 @contextlib.contextmanager
 def serving(glance: StandinThread, cache_dir: Path, max_size: str) -> Iterator[
-        DrainedImgcacheProcess]:
+        ImgcacheProcess]:
     """imgcache as a process in front of the stand-in."""
-    process = DrainedImgcacheProcess(glance.standin.url, cache_dir, max_size=max_size)
+    process = ImgcacheProcess(glance.standin.url, cache_dir, max_size=max_size)
     try:
         yield process
     finally:
         process.stop()
 
 
-def assert_no_handler_raised(server: DrainedImgcacheProcess) -> None:
+def assert_no_handler_raised(server: ImgcacheProcess) -> None:
     """aiohttp logs "Error handling request" when a handler raised: a bug, whatever the
     client saw (a 500, or a connection that was gone anyway)."""
     log = "".join(server.stderr_lines)
@@ -128,14 +128,14 @@ def assert_no_handler_raised(server: DrainedImgcacheProcess) -> None:
 
 @pytest.fixture
 def server(tmp_path: Path, glance: StandinThread, fd_limit: int) -> Iterator[
-        DrainedImgcacheProcess]:
+        ImgcacheProcess]:
     with serving(glance, tmp_path / "cache", "1G") as process:
         yield process
 
 
 @pytest.fixture
 def small_server(tmp_path: Path, glance: StandinThread, fd_limit: int) -> Iterator[
-        DrainedImgcacheProcess]:
+        ImgcacheProcess]:
     """A cap of 24 MiB: misses evict all along."""
     with serving(glance, tmp_path / "cache", "24M") as process:
         yield process
@@ -249,7 +249,7 @@ def data_path(image_id: str) -> str:
 
 
 async def test_a_thousand_clients_at_once_get_the_image_with_one_glance_download(
-    glance: StandinThread, server: DrainedImgcacheProcess
+    glance: StandinThread, server: ImgcacheProcess
 ) -> None:
     hot, hot_data = await glance.add_image(size=1 * MiB)
     cold, cold_data = await glance.add_image(size=1 * MiB)
@@ -341,7 +341,7 @@ async def fast_clients(port: int, image_id: str, data: bytes, count: int = 4) ->
 
 
 async def test_slow_readers_slow_only_themselves(
-    glance: StandinThread, server: DrainedImgcacheProcess
+    glance: StandinThread, server: ImgcacheProcess
 ) -> None:
     port = server.port
     hot, hot_data = await glance.add_image(size=64 * MiB)  # what fast clients read
@@ -486,7 +486,7 @@ class Samples:
 
 
 async def test_a_soak_keeps_fds_and_memory_flat_and_never_fails(
-    glance: StandinThread, small_server: DrainedImgcacheProcess
+    glance: StandinThread, small_server: ImgcacheProcess
 ) -> None:
     server = small_server
     known = [await glance.add_image(size=2 * MiB) for _ in range(8)]

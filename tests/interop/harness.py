@@ -6,12 +6,11 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
-import threading
 import time
 from collections.abc import Callable
 
 import pytest
-from processes import ImgcacheProcess, stop_process
+from processes import ImgcacheProcess
 from stack import Reply, call
 
 MiB = 1024 * 1024
@@ -20,26 +19,11 @@ DECISION_TTL = 2.0
 
 
 class Imgcache(ImgcacheProcess):
-    """``imgcache serve`` whose log is read all along (a chatty server never blocks on a full
-    pipe) and kept for failure reports."""
+    """``imgcache serve`` for the interop suite (its log is kept by ImgcacheProcess)."""
 
     def __init__(self, upstream: str, cache_dir: pathlib.Path, extra: tuple[str, ...]) -> None:
         super().__init__(upstream, cache_dir, max_size="1G", extra=extra)
         self.cache_dir = cache_dir
-        self.log: list[str] = []
-        self._reader = threading.Thread(target=self._read_log, daemon=True)
-        self._reader.start()
-
-    def _read_log(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line)
-
-    def stop(self) -> str:
-        """Stop the server; return its whole log."""
-        stop_process(self.proc)
-        self._reader.join(timeout=10)
-        return "".join(self.log)
 
     def data_url(self, image_id: str) -> str:
         """URL of an image's data through imgcache."""
