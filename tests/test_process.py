@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
 import signal
@@ -196,3 +197,23 @@ def test_demo_runs_a_storm_with_one_glance_download() -> None:
     assert "6 verified against Glance's sha512, X-Cache-Status: COALESCED x5, MISS x1" \
         in done.stdout
     assert "X-Cache-Status: HIT x6" in done.stdout
+
+
+def test_json_logs_have_one_object_per_image_request_and_no_token(
+    standin: StandinProcess, tmp_path: Path
+) -> None:
+    server = ImgcacheProcess(standin.url, tmp_path / "json-cache",
+                             extra=("--log-format", "json"))
+    try:
+        url = f"{server.url}/v2/images/{standin.image_id}/file"
+        done = curl(url, "-o", "/dev/null", "-H", "X-OpenStack-Request-ID: req-json-1")
+        assert done.returncode == 0
+    finally:
+        log = server.stop()
+    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert records and len(records) == len(log.splitlines())  # every line is JSON
+    [access] = [r for r in records if r.get("request_id") == "req-json-1"]
+    assert access["image_id"] == standin.image_id
+    assert access["result"] == "MISS" and access["status"] == 200
+    assert access["bytes"] == standin.size and access["duration"] >= 0
+    assert TOKEN not in log

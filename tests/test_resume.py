@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
 
 import aiohttp
 import pytest
@@ -96,3 +97,17 @@ async def test_a_retry_goes_to_the_next_upstream(
     assert status == 200 and sha512(body) == image.os_hash_value
     hosts = [r.headers.get("Host", "") for r in glance.requests if r.path.endswith("/file")]
     assert hosts[0].startswith("127.0.0.1") and hosts[1].startswith("localhost")
+
+
+async def test_resets_at_random_offsets_all_heal(
+    glance: GlanceStandin, imgcache_factory: ImgcacheFactory
+) -> None:
+    rng = random.Random(20261127)
+    imgcache = await imgcache_factory(retry_backoff="0.05s", retries="5")
+    for _ in range(5):
+        image = await glance.add_image(size=4 * MiB)
+        offset = rng.randrange(1, 4 * MiB)
+        glance.faults[image.id] = Fault(reset_at=offset, times=1, rate=32 * MiB)
+        bodies = await storm(imgcache, image.id, clients=3)
+        assert {sha512(body) for body in bodies} == {image.os_hash_value}, offset
+        assert glance.data_gets(image.id) == 2
