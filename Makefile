@@ -19,7 +19,7 @@ setup: $(BIN)/.installed
 
 ## serve: run imgcache on 127.0.0.1:9293 in front of Glance at 127.0.0.1:9292 (ARGS="--upstream URL ...")
 serve: setup
-	$(BIN)/imgcache serve --cache-dir ./var/cache $(ARGS)
+	$(BIN)/imgcache serve --cache-dir ./var/cache --admin-socket ./var/imgcache.sock $(ARGS)
 
 ## demo: a boot storm through imgcache against a throwaway Glance stand-in
 demo: setup
