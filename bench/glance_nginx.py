@@ -4,21 +4,25 @@ One nginx process (one worker per core, sendfile on) serves two servers on 127.0
 - "glance": Glance's paths, ``GET /v2/images/{id}`` (the image JSON) and
   ``GET /v2/images/{id}/file`` (the bytes, with ``Content-MD5``); no token checks.
 - "local": the same files on the same data path, a plain static file server: the baseline
-  that imgcache's cache hits are compared with.
-Each server has its own access log, so data GETs that reached "glance" can be counted.
+  that imgcache's cache hits are compared with;
+- optionally more Glance servers like "glance" on ports of their own (``ExtraGlance``),
+  whose bandwidth is held to a compute node's link (see ``shaping``).
+Each server has its own access log, so data GETs (and their bytes) that reached a Glance
+server can be counted.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from debian import find_or_install
 from images import TestImage
-from procs import Processes, free_port, wait_listening
+from procs import Processes, free_port, group_pids, wait_listening
 
 _LOG_FORMAT = "$request_method $uri $status $body_bytes_sent $request_time"
 
@@ -34,37 +38,7 @@ class Route:
 def find_or_install_nginx() -> str:
     """Path of the nginx binary; installs the Debian package first when it is missing
     (root only), without letting the package start a system-wide nginx."""
-    found = _find_nginx()
-    if found:
-        return found
-    if os.geteuid() != 0:
-        raise RuntimeError("nginx is not installed; run: apt-get install -y nginx")
-    print("nginx missing: apt-get update && apt-get install -y nginx", flush=True)
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    # policy-rc.d exit 101 = "do not start services" (honoured by invoke-rc.d and
-    # deb-systemd-invoke): the package's own nginx would listen on 0.0.0.0:80.
-    policy = Path("/usr/sbin/policy-rc.d")
-    added_policy = not policy.exists()
-    if added_policy:
-        policy.write_text("#!/bin/sh\nexit 101\n")
-        policy.chmod(0o755)
-    try:
-        subprocess.run(["apt-get", "update"], check=True, env=env, stdout=subprocess.DEVNULL)
-        subprocess.run(["apt-get", "install", "-y", "nginx"], check=True, env=env,
-                       stdout=subprocess.DEVNULL)
-    finally:
-        if added_policy:
-            policy.unlink(missing_ok=True)
-    found = _find_nginx()
-    if not found:
-        raise RuntimeError("apt-get installed nginx but no nginx binary was found")
-    return found
-
-
-def _find_nginx() -> str | None:
-    return shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)),
-        None)
+    return find_or_install("nginx", "nginx")
 
 
 def glance_json(route: Route) -> str:
@@ -96,23 +70,48 @@ def glance_json(route: Route) -> str:
     })
 
 
-def _locations(routes: list[Route], meta_dir: Path, with_metadata: bool) -> str:
+@dataclass(frozen=True)
+class ExtraGlance:
+    """One more Glance stand-in server on a port of its own (same routes as "glance"), for
+    an upstream link of limited bandwidth: ``limit_rate`` bytes/s per connection in nginx,
+    or None when the link is shaped outside nginx (tc on the port)."""
+
+    name: str
+    limit_rate: int | None = None
+
+
+def _locations(routes: list[Route], meta_dir: Path, with_metadata: bool,
+               limit_rate: int | None = None) -> str:
     blocks = []
+    limit = f" limit_rate {limit_rate};" if limit_rate else ""
     for route in routes:
         base = f"/v2/images/{route.image_id}"
         if with_metadata:
             meta = meta_dir / f"{route.image_id}.json"
-            meta.write_text(glance_json(route))
+            if not meta.exists():
+                meta.write_text(glance_json(route))
             blocks.append(f"location = {base} {{ default_type application/json; "
                           f"alias {meta}; }}")
         blocks.append(f"location = {base}/file {{ default_type application/octet-stream; "
-                      f'alias {route.image.path}; add_header Content-MD5 "{route.image.md5}"; }}')
+                      f'alias {route.image.path}; add_header Content-MD5 "{route.image.md5}";'
+                      f"{limit} }}")
     return "\n        ".join(blocks)
 
 
+def _extra_servers(prefix: Path, meta_dir: Path, extra: list[tuple[ExtraGlance, int]],
+                   routes: list[Route]) -> str:
+    return "\n".join(f"""    server {{
+        listen 127.0.0.1:{port};
+        access_log {prefix}/{server.name}-access.log bench;
+        {_locations(routes, meta_dir, with_metadata=True, limit_rate=server.limit_rate)}
+    }}""" for server, port in extra)
+
+
 def render_config(prefix: Path, glance_port: int, local_port: int,
-                  glance_routes: list[Route], local_routes: list[Route]) -> str:
-    """nginx.conf for both servers; writes the image JSON files under ``prefix/meta``."""
+                  glance_routes: list[Route], local_routes: list[Route],
+                  extra: list[tuple[ExtraGlance, int]] | None = None) -> str:
+    """nginx.conf for both servers (and ``extra`` Glance servers, each with its port);
+    writes the image JSON files under ``prefix/meta``."""
     meta_dir = prefix / "meta"
     meta_dir.mkdir(parents=True, exist_ok=True)
     temp = prefix / "temp"
@@ -147,6 +146,7 @@ http {{
         access_log {prefix}/local-access.log bench;
         {_locations(local_routes, meta_dir, with_metadata=False)}
     }}
+{_extra_servers(prefix, meta_dir, extra or [], glance_routes)}
 }}
 """
 
@@ -155,18 +155,23 @@ class Nginx:
     """The nginx process of one run (foreground master, stopped with the run)."""
 
     def __init__(self, binary: str, prefix: Path, glance_routes: list[Route],
-                 local_routes: list[Route], procs: Processes) -> None:
+                 local_routes: list[Route], procs: Processes,
+                 extra: Sequence[ExtraGlance] = ()) -> None:
         self.prefix = prefix
         self.glance_port = free_port()
         self.local_port = free_port()
+        self.ports = {"glance": self.glance_port, "local": self.local_port}
+        self.ports.update({server.name: free_port() for server in extra})
         prefix.mkdir(parents=True, exist_ok=True)
         (prefix / "temp").mkdir(exist_ok=True)
         conf = prefix / "nginx.conf"
         conf.write_text(render_config(prefix, self.glance_port, self.local_port,
-                                      glance_routes, local_routes))
+                                      glance_routes, local_routes,
+                                      [(server, self.ports[server.name]) for server in extra]))
         self._cmd = [binary, "-p", str(prefix), "-e", str(prefix / "error.log"),
                      "-c", str(conf)]
         self._procs = procs
+        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def glance_url(self) -> str:
@@ -184,14 +189,35 @@ class Nginx:
         log = self.prefix / "nginx.out"
         with log.open("wb") as out:
             proc = self._procs.start(self._cmd, stdout=out, stderr=subprocess.STDOUT)
-        for port in (self.glance_port, self.local_port):
+        self._proc = proc
+        for port in self.ports.values():
             wait_listening(port, proc, self.prefix / "error.log")
 
-    def data_gets(self, image_id: str) -> int:
+    def pids(self) -> list[int]:
+        """The master and its workers while nginx runs."""
+        return group_pids(self._proc.pid) if self._proc is not None else []
+
+    def url(self, server: str) -> str:
+        """Base URL of one of the servers ("glance", "local" or an extra one's name)."""
+        return f"http://127.0.0.1:{self.ports[server]}"
+
+    def data_gets(self, image_id: str, server: str = "glance") -> int:
         """How many ``GET /v2/images/{id}/file`` the Glance stand-in has logged."""
-        log = self.prefix / "glance-access.log"
+        return len(self.data_requests(image_id, server))
+
+    def data_requests(self, image_id: str, server: str = "glance") -> list[int]:
+        """The body bytes sent for each ``GET /v2/images/{id}/file`` that ``server`` has
+        logged (nginx logs a request when it ends)."""
+        return self._logged(f"GET /v2/images/{image_id}/file ", server)
+
+    def metadata_gets(self, image_id: str, server: str = "glance") -> int:
+        """How many ``GET /v2/images/{id}`` (the image JSON) ``server`` has logged."""
+        return len(self._logged(f"GET /v2/images/{image_id} ", server))
+
+    def _logged(self, wanted: str, server: str) -> list[int]:
+        log = self.prefix / f"{server}-access.log"
         if not log.exists():
-            return 0
-        wanted = f"GET /v2/images/{image_id}/file "
+            return []
         with log.open() as lines:
-            return sum(1 for line in lines if line.startswith(wanted))
+            # _LOG_FORMAT: method uri status body_bytes_sent request_time
+            return [int(line.split()[3]) for line in lines if line.startswith(wanted)]

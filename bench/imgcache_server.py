@@ -28,14 +28,18 @@ class Imgcache:
                  max_size: int) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
         self.log = workdir / "imgcache.log"
         self.cache_dir = workdir / "cache"
+        # In the run's dir: the default /run/imgcache/imgcache.sock may be another run's.
+        self.admin_socket = workdir / "admin.sock"
         self._procs = procs
         self._cmd = [str(imgcache_binary()), "serve",
                      "--listen", f"127.0.0.1:{self.port}",
                      "--metrics-listen", f"127.0.0.1:{self.metrics_port}",
                      "--upstream", upstream_url,
                      "--cache-dir", str(self.cache_dir),
+                     "--admin-socket", str(self.admin_socket),
                      "--max-size", str(max_size)]
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -72,6 +76,12 @@ class Imgcache:
     def pid(self) -> int | None:
         """The server's pid while it runs."""
         return self._proc.pid if self._proc is not None else None
+
+    def evict(self, *image_ids: str) -> None:
+        """Remove cached images through the management socket (``imgcache evict``)."""
+        subprocess.run([str(imgcache_binary()), "evict", "--socket", str(self.admin_socket),
+                        *image_ids], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, timeout=60)
 
     def metrics(self) -> dict[str, float]:
         """Current Prometheus samples, keyed by name with labels as exposed, e.g.

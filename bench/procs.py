@@ -1,4 +1,5 @@
-"""Child processes of the benchmark: started in sessions of their own, always stopped.
+"""Child processes of the benchmark: started in sessions of their own, always stopped;
+what /proc says about them (write bytes, peak RSS).
 
 Every process the benchmark starts (nginx, imgcache, curl) goes through ``Processes``, which
 stops each one's process group, by id, when the run ends for any reason.
@@ -100,3 +101,70 @@ def run_text(cmd: Sequence[str]) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return ""
     return (done.stdout + done.stderr).strip()
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live processes of the process group ``pgid`` (a server and its workers)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                # /proc/PID/stat: "pid (comm) state ppid pgrp ...", comm may hold spaces.
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == pgid:
+                    pids.append(int(entry.name))
+    return pids
+
+
+def write_bytes(pids: Sequence[int]) -> int:
+    """Bytes the processes caused to be sent to the block layer (``write_bytes`` of
+    /proc/PID/io, all threads included); exited processes count no more."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+                if line.startswith("write_bytes:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Reset the process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0; needs the
+    right to write /proc/PID/clear_refs: the process's owner or root)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def peak_rss(pid: int) -> int:
+    """The process's peak resident set size (VmHWM) in bytes since start or the last
+    ``reset_peak_rss``."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """CPU time (user + system, all threads) the processes have used so far."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def thread_schedstat(pid: int, tid: int | None = None) -> tuple[float, float]:
+    """Seconds a thread (the main thread by default) has run on a CPU, and seconds it has
+    waited in the run queue: runnable, but no CPU free (/proc/PID/task/TID/schedstat)."""
+    run, wait, _ = Path(f"/proc/{pid}/task/{tid or pid}/schedstat").read_text().split()
+    return int(run) / 1e9, int(wait) / 1e9
+
+
+def machine_cpu() -> tuple[float, float]:
+    """Busy and total CPU seconds of the whole machine since boot (/proc/stat; idle and
+    iowait count as not busy)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = sum(fields)
+    return (total - fields[3] - fields[4]) / ticks, total / ticks

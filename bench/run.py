@@ -1,4 +1,5 @@
-"""imgcache benchmarks: ``.venv/bin/python bench/run.py [--quick]`` (see bench/README.md).
+"""imgcache benchmarks: ``.venv/bin/python bench/run.py [--quick]`` (see bench/README.md);
+``--suite peers`` runs the comparison with nginx proxy_cache and Varnish (``peers.py``).
 
 Starts nginx (Glance stand-in and static-file baseline) and imgcache on 127.0.0.1, drives
 them with curl processes, prints a markdown report and writes it to bench/results/latest.md.
@@ -40,6 +41,10 @@ MIN_CURL = (7, 84)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; --quick lowers the defaults (3 repetitions, 256 MiB images)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", choices=("core", "peers"), default="core",
+                        help="core: this benchmark; peers: imgcache against nginx "
+                        "proxy_cache, Varnish and direct downloads (bench/peers.py; "
+                        "its options follow, see --suite peers --help)")
     parser.add_argument("--quick", action="store_true",
                         help="3 repetitions and 256M images (unless given explicitly)")
     parser.add_argument("--reps", type=int, help="repetitions per measurement (5; quick 3)")
@@ -218,6 +223,13 @@ def _show_log(log: Path, lines: int = 30) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the benchmark; exit 1 on a failed check, 130 on interruption."""
+    suite = argparse.ArgumentParser(add_help=False)
+    suite.add_argument("--suite", choices=("core", "peers"), default="core")
+    chosen, rest = suite.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if chosen.suite == "peers":
+        import peers
+
+        return peers.main(rest)
     args = parse_args(argv)
     _restore_interrupts()
     if not imgcache_binary().exists():
