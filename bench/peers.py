@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from caches import NGINX_VARIANTS, NginxCache, Varnish
 from debian import find_or_install
@@ -179,13 +180,25 @@ class RealGlanceUpstream:
     def upload(self, image: TestImage, count: int) -> list[Route]:
         """``count`` images with ``image``'s bytes; their ids with the hashes Glance holds."""
         with ThreadPoolExecutor(2) as pool:  # gunicorn runs 2 workers
-            metas = list(pool.map(
-                lambda index: self.glance.create_image(image.path, name=f"bench-{index}"),
-                range(count)))
+            metas = list(pool.map(lambda index: self._create(image, index), range(count)))
         for meta in metas:
             if meta["os_hash_value"] != image.sha512:
                 raise RuntimeError(f"Glance's sha512 of {meta['id']} is not the image's")
         return [Route(meta["id"], image) for meta in metas]
+
+    def _create(self, image: TestImage, index: int, attempts: int = 3) -> dict[str, Any]:
+        """Upload one image; two uploads at once now and then make Glance (sqlite) drop
+        one, so a failed upload is tried again."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return dict(self.glance.create_image(image.path, name=f"bench-{index}"))
+            except (OSError, RuntimeError) as exc:
+                if attempt == attempts:
+                    raise RuntimeError(f"uploading an image to glance-api failed: {exc}\n"
+                                       f"{self.glance.logs()}") from exc
+                progress(f"upload to glance-api failed ({str(exc).splitlines()[0]}); "
+                         "trying again")
+        raise AssertionError("unreachable")
 
     def pids(self) -> list[int]:
         """gunicorn's master and workers."""
