@@ -333,8 +333,10 @@ class StormRep:
 def storm(bench: PeerBench, name: str, upstream: str, route: Route, clients: int,
           verify: int) -> StormRep:
     """``clients`` curls started at once through ``name`` for ``route`` (uncached unless
-    the contender is the upstream itself); ``verify`` of them save their bodies for a
-    sha512 check. Waits until the contender's fill is over (committed, for imgcache)."""
+    the contender is the upstream itself); ``verify`` of them (the first and the last
+    started) save their bodies to tmpfs for a sha512 check, the same number for every
+    contender since writing a body costs its client CPU. Waits until the contender's
+    fill is over (committed, for imgcache)."""
     contender = bench.contenders[name]
     up = bench.upstreams[upstream]
     imgcache = bench.imgcaches[upstream] if contender.kind == IMGCACHE else None
@@ -483,7 +485,7 @@ def measure_storms(bench: PeerBench, names: list[str], image_key: str, links: li
                         res.add(f"{key}.wall_computed", DIRECT, expected)
                     continue
                 got = storm(bench, name, link, route, clients,
-                            verify if name == IMGCACHE else 0)
+                            verify)
                 record_storm(res, key, name, got)
                 _storm_progress(bench, key, name, got)
             one = direct_one(bench, link, fixed)
@@ -626,6 +628,6 @@ def measure_real(bench: PeerBench, names: list[str], fresh: Iterator[Route], fix
         for name in rotated(names, rep):
             route = fixed if name == DIRECT else next(fresh)
             got = storm(bench, name, "real", route, clients,
-                        verify if name == IMGCACHE else 0)
+                        verify)
             record_storm(bench.results, "real", name, got)
             _storm_progress(bench, "real", name, got)

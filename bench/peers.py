@@ -106,8 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=[parse_link("1g"), parse_link("10g")],
                         help="upstream link speeds of the storms (1g,10g)")
     parser.add_argument("--verify", type=int, default=2,
-                        help="imgcache storm clients whose body is sha512-checked (2; 1 for "
-                        "the others)")
+                        help="storm clients per contender whose body is saved to tmpfs and "
+                        "sha512-checked, the same for every contender (2)")
     parser.add_argument("--slow-direct", type=float, default=60.0,
                         help="a direct (no cache) storm expected to take longer than this "
                         "many seconds (clients x size / link) is not run, its wall time "
