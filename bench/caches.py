@@ -14,11 +14,11 @@ Both answer ``X-Cache-Status`` (HIT, MISS, ...) like imgcache, for the checks.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 from images import human_size
+from nginx_base import NginxProcess, main_config, server_block
 from procs import Processes, free_port, group_pids, wait_listening
 
 _LOG_FORMAT = ("$request_method $uri $status $body_bytes_sent $request_time "
@@ -31,22 +31,15 @@ NGINX_VARIANTS = {
 }
 
 
-class NginxCache:
+class NginxCache(NginxProcess[tuple[str, str]]):
     """One nginx with a ``proxy_cache`` server per (variant, upstream)."""
 
     def __init__(self, binary: str, prefix: Path, upstreams: dict[str, str],
                  procs: Processes, max_size: int) -> None:
-        self.prefix = prefix
-        self.ports = {(variant, name): free_port() for variant in NGINX_VARIANTS
-                      for name in upstreams}
-        prefix.mkdir(parents=True, exist_ok=True)
-        (prefix / "temp").mkdir(exist_ok=True)
-        conf = prefix / "nginx.conf"
-        conf.write_text(self._config(upstreams, max_size))
-        self._cmd = [binary, "-p", str(prefix), "-e", str(prefix / "error.log"),
-                     "-c", str(conf)]
-        self._procs = procs
-        self._proc: subprocess.Popen[bytes] | None = None
+        super().__init__(binary, prefix, procs,
+                         {(variant, name): free_port() for variant in NGINX_VARIANTS
+                          for name in upstreams})
+        self.conf.write_text(self._config(upstreams, max_size))
 
     def _config(self, upstreams: dict[str, str], max_size: int) -> str:
         prefix = self.prefix
@@ -57,10 +50,8 @@ class NginxCache:
                          f"keys_zone={zone}:16m max_size={max_size} inactive=7d "
                          f"use_temp_path=off;")
             for name, url in upstreams.items():
-                servers.append(f"""    server {{
-        listen 127.0.0.1:{self.ports[variant, name]};
-        access_log {prefix}/{variant}-{name}-access.log bench;
-        location / {{
+                servers.append(server_block(prefix, f"{variant}-{name}",
+                                            self.ports[variant, name], f"""location / {{
             proxy_pass {url};
             proxy_cache {zone};
             proxy_cache_valid 200 7d;
@@ -68,52 +59,15 @@ class NginxCache:
             {lock}
             proxy_read_timeout 600s;
             add_header X-Cache-Status $upstream_cache_status always;
-        }}
-    }}""")
-        temp = prefix / "temp"
-        user = "user root;" if os.geteuid() == 0 else ""
+        }}"""))
         zone_lines = "\n    ".join(zones)
         server_lines = "\n".join(servers)
-        return f"""
-{user}
-worker_processes auto;
-daemon off;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    types {{ }}
-    default_type application/octet-stream;
-    sendfile on;
-    tcp_nopush on;
-    keepalive_timeout 65;
-    server_tokens off;
-    log_format bench '{_LOG_FORMAT}';
-    client_body_temp_path {temp}/body;
-    proxy_temp_path {temp}/proxy;
-    fastcgi_temp_path {temp}/fastcgi;
-    uwsgi_temp_path {temp}/uwsgi;
-    scgi_temp_path {temp}/scgi;
-    {zone_lines}
-{server_lines}
-}}
-"""
+        return main_config(prefix, worker_connections=4096, log_format=_LOG_FORMAT,
+                           http_body=f"    {zone_lines}\n{server_lines}")
 
     def url(self, variant: str, upstream: str) -> str:
         """Base URL of the cache of ``variant`` in front of ``upstream``."""
         return f"http://127.0.0.1:{self.ports[variant, upstream]}"
-
-    def start(self) -> None:
-        """Check the config, start nginx, wait until every server accepts connections."""
-        subprocess.run([*self._cmd, "-t", "-q"], check=True)
-        with (self.prefix / "nginx.out").open("wb") as out:
-            self._proc = self._procs.start(self._cmd, stdout=out, stderr=subprocess.STDOUT)
-        for port in self.ports.values():
-            wait_listening(port, self._proc, self.prefix / "error.log")
-
-    def pids(self) -> list[int]:
-        """The master, its workers and the cache manager."""
-        return group_pids(self._proc.pid) if self._proc else []
 
 
 _VCL = """vcl 4.1;

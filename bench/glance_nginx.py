@@ -14,15 +14,14 @@ server can be counted.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from debian import find_or_install
 from images import TestImage
-from procs import Processes, free_port, group_pids, wait_listening
+from nginx_base import NginxProcess, main_config, server_block
+from procs import Processes, free_port
 
 _LOG_FORMAT = "$request_method $uri $status $body_bytes_sent $request_time"
 
@@ -98,15 +97,6 @@ def _locations(routes: list[Route], meta_dir: Path, with_metadata: bool,
     return "\n        ".join(blocks)
 
 
-def _extra_servers(prefix: Path, meta_dir: Path, extra: list[tuple[ExtraGlance, int]],
-                   routes: list[Route]) -> str:
-    return "\n".join(f"""    server {{
-        listen 127.0.0.1:{port};
-        access_log {prefix}/{server.name}-access.log bench;
-        {_locations(routes, meta_dir, with_metadata=True, limit_rate=server.limit_rate)}
-    }}""" for server, port in extra)
-
-
 def render_config(prefix: Path, glance_port: int, local_port: int,
                   glance_routes: list[Route], local_routes: list[Route],
                   extra: list[tuple[ExtraGlance, int]] | None = None) -> str:
@@ -114,64 +104,35 @@ def render_config(prefix: Path, glance_port: int, local_port: int,
     writes the image JSON files under ``prefix/meta``."""
     meta_dir = prefix / "meta"
     meta_dir.mkdir(parents=True, exist_ok=True)
-    temp = prefix / "temp"
-    user = "user root;" if os.geteuid() == 0 else ""
-    return f"""
-{user}
-worker_processes auto;
-daemon off;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    types {{ }}
-    default_type application/octet-stream;
-    sendfile on;
-    tcp_nopush on;
-    keepalive_timeout 65;
-    server_tokens off;
-    log_format bench '{_LOG_FORMAT}';
-    client_body_temp_path {temp}/body;
-    proxy_temp_path {temp}/proxy;
-    fastcgi_temp_path {temp}/fastcgi;
-    uwsgi_temp_path {temp}/uwsgi;
-    scgi_temp_path {temp}/scgi;
-    server {{
-        listen 127.0.0.1:{glance_port};
-        access_log {prefix}/glance-access.log bench;
-        {_locations(glance_routes, meta_dir, with_metadata=True)}
-    }}
-    server {{
-        listen 127.0.0.1:{local_port};
-        access_log {prefix}/local-access.log bench;
-        {_locations(local_routes, meta_dir, with_metadata=False)}
-    }}
-{_extra_servers(prefix, meta_dir, extra or [], glance_routes)}
-}}
-"""
+    servers = [
+        server_block(prefix, "glance", glance_port,
+                     _locations(glance_routes, meta_dir, with_metadata=True)),
+        server_block(prefix, "local", local_port,
+                     _locations(local_routes, meta_dir, with_metadata=False)),
+    ]
+    extra_servers = "\n".join(
+        server_block(prefix, server.name, port,
+                     _locations(glance_routes, meta_dir, with_metadata=True,
+                                limit_rate=server.limit_rate))
+        for server, port in extra or [])
+    return main_config(prefix, worker_connections=1024, log_format=_LOG_FORMAT,
+                       http_body="\n".join([*servers, extra_servers]))
 
 
-class Nginx:
+class Nginx(NginxProcess[str]):
     """The nginx process of one run (foreground master, stopped with the run)."""
 
     def __init__(self, binary: str, prefix: Path, glance_routes: list[Route],
                  local_routes: list[Route], procs: Processes,
                  extra: Sequence[ExtraGlance] = ()) -> None:
-        self.prefix = prefix
         self.glance_port = free_port()
         self.local_port = free_port()
-        self.ports = {"glance": self.glance_port, "local": self.local_port}
-        self.ports.update({server.name: free_port() for server in extra})
-        prefix.mkdir(parents=True, exist_ok=True)
-        (prefix / "temp").mkdir(exist_ok=True)
-        conf = prefix / "nginx.conf"
-        conf.write_text(render_config(prefix, self.glance_port, self.local_port,
-                                      glance_routes, local_routes,
-                                      [(server, self.ports[server.name]) for server in extra]))
-        self._cmd = [binary, "-p", str(prefix), "-e", str(prefix / "error.log"),
-                     "-c", str(conf)]
-        self._procs = procs
-        self._proc: subprocess.Popen[bytes] | None = None
+        ports = {"glance": self.glance_port, "local": self.local_port}
+        ports.update({server.name: free_port() for server in extra})
+        super().__init__(binary, prefix, procs, ports)
+        self.conf.write_text(render_config(prefix, self.glance_port, self.local_port,
+                                           glance_routes, local_routes,
+                                           [(server, ports[server.name]) for server in extra]))
 
     @property
     def glance_url(self) -> str:
@@ -182,20 +143,6 @@ class Nginx:
     def local_url(self) -> str:
         """Base URL of the static-file baseline server."""
         return f"http://127.0.0.1:{self.local_port}"
-
-    def start(self) -> None:
-        """Check the config, start nginx and wait until both servers accept connections."""
-        subprocess.run([*self._cmd, "-t", "-q"], check=True)
-        log = self.prefix / "nginx.out"
-        with log.open("wb") as out:
-            proc = self._procs.start(self._cmd, stdout=out, stderr=subprocess.STDOUT)
-        self._proc = proc
-        for port in self.ports.values():
-            wait_listening(port, proc, self.prefix / "error.log")
-
-    def pids(self) -> list[int]:
-        """The master and its workers while nginx runs."""
-        return group_pids(self._proc.pid) if self._proc is not None else []
 
     def url(self, server: str) -> str:
         """Base URL of one of the servers ("glance", "local" or an extra one's name)."""

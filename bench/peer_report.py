@@ -4,7 +4,6 @@ to it), the targets met or missed, checks, raw samples, machine details; and a P
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,14 @@ from pathlib import Path
 from images import human_size
 from measure import Checks
 from peer_measure import BOUND, DIRECT, IMGCACHE, NGINX, NGINX_1H, VARNISH, Results
+from report_parts import (
+    bullets,
+    closing_sections,
+    markdown_table,
+    median,
+    table_head,
+    verdict,
+)
 
 COLUMNS = [IMGCACHE, NGINX, NGINX_1H, VARNISH, DIRECT]
 PEERS = [NGINX, NGINX_1H, VARNISH, DIRECT]
@@ -43,10 +50,6 @@ class Sizes:
     small_clients: int
     small_seconds: float
     links: dict[str, str]  # link name -> label ("1 Gbit/s")
-
-
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else math.nan
 
 
 def best_peer(results: Results, metric: str, better: str) -> tuple[str, float] | None:
@@ -166,13 +169,13 @@ def _cell(results: Results, metric: str, name: str, fmt: str) -> str:
     values = results.get(metric, name)
     if not values:
         return ""
-    return format(_median(values), fmt)
+    return format(median(values), fmt)
 
 
 def table(results: Results, sizes: Sizes) -> str:
     """The markdown table of every section that has samples."""
     header = ["measurement", *COLUMNS, "bound", "best peer", "imgcache / best peer", "better"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = table_head(header)
     for title, section in rows(sizes):
         present = [row for row in section if results.series.get(row.metric)]
         if not present:
@@ -234,10 +237,10 @@ def targets(results: Results, sizes: Sizes) -> list[Target]:
         spread = r.get(f"{key}.ttfb_spread", IMGCACHE)
         floor = r.median("storm.fanout_ttfb_spread", BOUND)
         found.append(Target("2", f"{label}: p99 time to first byte within 0.1 s of the "
-                            "first client's", f"p99 - first = {_fmt(_median(spread), '.3f')} s "
+                            "first client's", f"p99 - first = {_fmt(median(spread), '.3f')} s "
                             f"(median; max {_fmt(max(spread), '.3f')}); nginx serving the "
                             f"local file to as many clients: {_fmt(floor, '.3f')} s",
-                            _median(spread) <= 0.1))
+                            median(spread) <= 0.1))
         wall = r.median(f"{key}.wall", IMGCACHE)
         bound = storm_bound(link)(r)
         found.append(Target("2", f"{label}: wall time <= 1.25x the bound",
@@ -278,20 +281,11 @@ def targets(results: Results, sizes: Sizes) -> list[Target]:
 
 
 def _targets_table(found: list[Target]) -> str:
-    lines = ["| scenario | target | this run | met |", "|---|---|---|---|"]
+    rows = []
     for t in found:
-        verdict = "n/a" if t.met is None else ("yes" if t.met else "**no**")
-        lines.append(f"| {t.scenario} | {t.text} | {t.figure} | {verdict} |")
-    return "\n".join(lines)
-
-
-def _checks_table(checks: Checks) -> str:
-    lines = ["| check | count | result |", "|---|---|---|"]
-    for name in checks.names():
-        failed = checks.failed[name]
-        verdict = "ok" if not failed else f"**FAILED {failed}x**: {checks.first_failure[name]}"
-        lines.append(f"| {name} | {checks.passed[name] + failed} | {verdict} |")
-    return "\n".join(lines)
+        met = "n/a" if t.met is None else ("yes" if t.met else "**no**")
+        rows.append([t.scenario, t.text, t.figure, met])
+    return markdown_table(["scenario", "target", "this run", "met"], rows)
 
 
 def _samples(results: Results) -> str:
@@ -307,7 +301,6 @@ def _samples(results: Results) -> str:
 def render(results: Results, checks: Checks, sizes: Sizes, machine: list[tuple[str, str]],
            setup: list[str], command: str, reps: int, chart: str | None) -> str:
     """The whole markdown report."""
-    verdict = "all checks passed" if not checks.failed else "**SOME CHECKS FAILED**"
     parts = [
         "# imgcache against the caches an operator would pick instead",
         "",
@@ -320,7 +313,7 @@ def render(results: Results, checks: Checks, sizes: Sizes, machine: list[tuple[s
         f"already-local file to as many clients (this machine's fan-out limit); for its "
         f"times to first byte, what those clients of nginx's local file saw (the floor "
         f"with this many curl processes on this machine); for the cold miss, sha512 on one "
-        f"core. {verdict}.",
+        f"core. {verdict(checks)}.",
         "",
         "**The peers do no authorization at all**: they serve whatever they cached to "
         "anyone, while imgcache asks Glance whether each caller may read the image "
@@ -336,22 +329,10 @@ def render(results: Results, checks: Checks, sizes: Sizes, machine: list[tuple[s
         "",
         "## Setup",
         "",
-        "\n".join(f"- {line}" for line in setup),
+        bullets(setup),
         "",
-        *(["## Notes", "", "\n".join(f"- {n}" for n in results.notes), ""]
-          if results.notes else []),
-        "## Checks",
-        "",
-        _checks_table(checks),
-        "",
-        "## Samples (in run order)",
-        "",
-        _samples(results),
-        "",
-        "## Machine",
-        "",
-        "\n".join(f"- {name}: {value}" for name, value in machine),
-        "",
+        *(["## Notes", "", bullets(results.notes), ""] if results.notes else []),
+        *closing_sections(checks, _samples(results), machine),
     ]
     return "\n".join(parts)
 
@@ -400,7 +381,7 @@ def chart(results: Results, sizes: Sizes, path: Path) -> bool:
             for g, (_, metric) in enumerate(groups):
                 values = results.get(metric, name)
                 if values:
-                    med = _median(values)
+                    med = median(values)
                     xs.append(g + (i - (len(present) - 1) / 2) * width)
                     heights.append(med)
                     lows.append(med - min(values))

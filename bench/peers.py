@@ -27,7 +27,8 @@ from caches import NGINX_VARIANTS, NginxCache, Varnish
 from debian import find_or_install
 from glance_nginx import ExtraGlance, Nginx, Route, find_or_install_nginx
 from images import TestImage, ensure_image, human_size, parse_size
-from imgcache_server import Imgcache, imgcache_binary
+from imgcache_server import Imgcache
+from lifecycle import exit_status, ignore_interrupts, restore_interrupts, show_log, temp_dir
 from measure import Checks, progress
 from peer_measure import (
     DIRECT,
@@ -50,18 +51,7 @@ from peer_measure import (
 from peer_report import Sizes, chart, render
 from procs import Processes, group_pids, run_text
 from report import machine_details
-from run import (
-    REPO,
-    WORK,
-    _ignore_interrupts,
-    _restore_interrupts,
-    _show_log,
-    check_curl,
-    check_disk,
-    scratch_parent,
-    sweep_stale_runs,
-    temp_dir,
-)
+from run import REPO, WORK, check_curl, check_disk, scratch_parent, sweep_stale_runs
 from shaping import LinkShaper, tc_usable
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -276,14 +266,14 @@ def run(args: argparse.Namespace) -> int:
     links = dict(args.links)
     stoppers: list[Callable[[], None]] = []
     with contextlib.ExitStack() as stack:
-        stack.callback(_restore_interrupts)
+        stack.callback(restore_interrupts)
         run_dir = stack.enter_context(temp_dir(WORK, f"run-{os.getpid()}-", args.keep_work))
         scratch = stack.enter_context(temp_dir(
             scratch_parent(run_dir, 2 * max(args.storm_size, args.real_size)),
             "imgcache-bench-"))
         stack.callback(procs.close)
         stack.callback(lambda: [stop() for stop in reversed(stoppers)])
-        stack.callback(_ignore_interrupts)
+        stack.callback(ignore_interrupts)
 
         standin = Nginx(nginx_binary, run_dir / "standin", routes.all(),
                         [routes.fixed[k] for k in ("hit", "storm") if k in routes.fixed],
@@ -364,7 +354,7 @@ def run(args: argparse.Namespace) -> int:
             _measure(bench, args, real_routes)
         except Exception:
             for ic in imgcaches.values():
-                _show_log(ic.log)
+                show_log(ic.log)
             raise
         sizes = Sizes(hit=args.hit_size, storm=args.storm_size, big=args.big_size,
                       small=args.small_size, real=args.real_size, clients=args.clients,
@@ -451,19 +441,7 @@ def _setup_lines(args: argparse.Namespace, use_tc: bool, why_not: str,
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the comparison; exit 1 on a failed check, 130 on interruption."""
-    args = parse_args(argv)
-    _restore_interrupts()
-    if not imgcache_binary().exists():
-        print(f"no {imgcache_binary()}: run with the repo's venv python", file=sys.stderr)
-        return 2
-    try:
-        return run(args)
-    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        progress("interrupted; everything started was stopped and removed")
-        return 130
+    return exit_status(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -93,6 +93,17 @@ def _tail(log: Path | None, lines: int = 20) -> str:
     return "\n--- " + str(log) + " ---\n" + "\n".join(text)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user's counts too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def run_text(cmd: Sequence[str]) -> str:
     """Run a short command and return its stdout and stderr, stripped ("" if it fails)."""
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 from images import human_size
 from measure import IMGCACHE, NGINX, Checks, ColdResults, HitResults
 from procs import run_text
+from report_parts import closing_sections, markdown_table, median, verdict
 
 
 def machine_details(nginx_binary: str, repo: Path) -> list[tuple[str, str]]:
@@ -50,19 +50,15 @@ def _memory() -> str:
     return "?"
 
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
 def _spread(values: list[float], fmt: str) -> str:
     return ", ".join(format(v, fmt) for v in values)
 
 
 def hit_rows(hits: HitResults) -> list[list[str]]:
     """Table rows for the cache-hit measurements."""
-    one_i, one_n = _median(hits.single_mbps[IMGCACHE]), _median(hits.single_mbps[NGINX])
-    wall_i = _median(hits.concurrent_wall[IMGCACHE])
-    wall_n = _median(hits.concurrent_wall[NGINX])
+    one_i, one_n = median(hits.single_mbps[IMGCACHE]), median(hits.single_mbps[NGINX])
+    wall_i = median(hits.concurrent_wall[IMGCACHE])
+    wall_n = median(hits.concurrent_wall[NGINX])
     total_mb = hits.clients * hits.size / 1e6
     agg_i, agg_n = total_mb / wall_i, total_mb / wall_n
     size = human_size(hits.size)
@@ -79,13 +75,13 @@ def hit_rows(hits: HitResults) -> list[list[str]]:
 def cold_rows(cold: ColdResults) -> list[list[str]]:
     """Table rows for the cold measurements (storm and lone MISS)."""
     reps, n, size = cold.reps, cold.clients, human_size(cold.size)
-    wall = _median([r.storm_wall for r in reps])
-    direct_1 = _median([r.direct_1 for r in reps])
-    direct_n = _median([r.direct_n_wall for r in reps])
-    miss = _median([r.miss_total for r in reps])
-    ttfb_med = _median([_median(r.ttfbs) for r in reps])
-    ttfb_max = _median([max(r.ttfbs) for r in reps])
-    lag = _median([r.commit_lag for r in reps])
+    wall = median([r.storm_wall for r in reps])
+    direct_1 = median([r.direct_1 for r in reps])
+    direct_n = median([r.direct_n_wall for r in reps])
+    miss = median([r.miss_total for r in reps])
+    ttfb_med = median([median(r.ttfbs) for r in reps])
+    ttfb_max = median([max(r.ttfbs) for r in reps])
+    lag = median([r.commit_lag for r in reps])
     mb = cold.size / 1e6
     return [
         [f"Cold storm, {n} clients, {size}: wall s until all finish",
@@ -104,21 +100,6 @@ def cold_rows(cold: ColdResults) -> list[list[str]]:
          f"1 direct download from nginx {mb / direct_1:.0f}",
          f"**{direct_1 / miss:.2f}**", "higher"],
     ]
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _checks_section(checks: Checks) -> str:
-    rows = []
-    for name in checks.names():
-        failed = checks.failed[name]
-        verdict = "ok" if not failed else f"**FAILED {failed}x**: {checks.first_failure[name]}"
-        rows.append([name, str(checks.passed[name] + failed), verdict])
-    return _table(["check", "count", "result"], rows)
 
 
 def _samples_section(hits: HitResults | None, cold: ColdResults | None) -> str:
@@ -150,28 +131,17 @@ def render(hits: HitResults | None, cold: ColdResults | None, checks: Checks,
            machine: list[tuple[str, str]], reps: int, command: str) -> str:
     """The whole markdown report."""
     rows = (hit_rows(hits) if hits else []) + (cold_rows(cold) if cold else [])
-    verdict = "all checks passed" if not checks.failed else "**SOME CHECKS FAILED**"
     parts = [
         "# imgcache benchmark",
         "",
         f"`{command}`: {'medians of ' if reps > 1 else ''}{reps} repetition"
         f"{'s' if reps > 1 else ''}; every baseline was measured in the "
         f"same run, alternating with imgcache. MB = 10^6 bytes. Ratio = imgcache / baseline "
-        f"(the last column says which way is better). {verdict}.",
+        f"(the last column says which way is better). {verdict(checks)}.",
         "",
-        _table(["measurement", "imgcache", "baseline (same run)", "ratio", "better"], rows),
+        markdown_table(["measurement", "imgcache", "baseline (same run)", "ratio", "better"],
+                       rows),
         "",
-        "## Checks",
-        "",
-        _checks_section(checks),
-        "",
-        "## Samples (in run order)",
-        "",
-        _samples_section(hits, cold),
-        "",
-        "## Machine",
-        "",
-        "\n".join(f"- {name}: {value}" for name, value in machine),
-        "",
+        *closing_sections(checks, _samples_section(hits, cold), machine),
     ]
     return "\n".join(parts)

@@ -14,20 +14,16 @@ import os
 import re
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 
 from glance_nginx import Nginx, Route, find_or_install_nginx
 from images import ensure_image, human_size, parse_size
-from imgcache_server import Imgcache, imgcache_binary
+from imgcache_server import Imgcache
+from lifecycle import exit_status, ignore_interrupts, restore_interrupts, show_log, temp_dir
 from measure import Bench, Checks, measure_cold, measure_hits, prime_hit, progress
-from procs import Processes, run_text
+from procs import Processes, pid_alive, run_text
 from report import machine_details, render
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -71,24 +67,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def _interrupt(signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _restore_interrupts() -> None:
-    for signum in _STOP_SIGNALS:
-        signal.signal(signum, _interrupt)
-
-
-def _ignore_interrupts() -> None:
-    """Let cleanup finish even if Ctrl-C is pressed again."""
-    for signum in _STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-
-
 def check_curl() -> None:
     """Fail early unless a curl new enough for the ``-w`` variables used is installed."""
     version = run_text(["curl", "--version"])
@@ -104,32 +82,8 @@ def sweep_stale_runs() -> None:
     """Remove run dirs of earlier runs whose process is gone (killed with -9, say)."""
     for old in WORK.glob("run-*"):
         match = re.match(r"run-(\d+)-", old.name)
-        if match and not _alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             shutil.rmtree(old, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def temp_dir(parent: Path, prefix: str, keep: bool = False) -> Iterator[Path]:
-    """A fresh directory under ``parent``, removed on exit (unless ``keep``)."""
-    parent.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    try:
-        yield path
-    finally:
-        if keep:
-            progress(f"kept {path}")
-        else:
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def scratch_parent(run_dir: Path, need: int) -> Path:
@@ -178,13 +132,13 @@ def run(args: argparse.Namespace) -> int:
     procs = Processes()
     with contextlib.ExitStack() as stack:
         # Exit callbacks run last-registered first: processes stop before dirs go.
-        stack.callback(_restore_interrupts)
+        stack.callback(restore_interrupts)
         run_dir = stack.enter_context(temp_dir(WORK, f"run-{os.getpid()}-", args.keep_work))
         need = args.verify * args.storm_size
         scratch = stack.enter_context(
             temp_dir(scratch_parent(run_dir, need), "imgcache-bench-"))
         stack.callback(procs.close)
-        stack.callback(_ignore_interrupts)
+        stack.callback(ignore_interrupts)
         nginx = Nginx(nginx_binary, run_dir / "nginx", [hit, *storms, *singles, direct],
                       [hit], procs)
         nginx.start()
@@ -203,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
                 cold = measure_cold(bench, storms, singles, direct, args.storm_clients,
                                     args.verify)
         except Exception:
-            _show_log(imgcache.log)
+            show_log(imgcache.log)
             raise
         command = "python bench/run.py " + shlex.join(sys.argv[1:])
         text = render(hits, cold, checks, machine_details(nginx_binary, REPO), args.reps,
@@ -215,12 +169,6 @@ def run(args: argparse.Namespace) -> int:
     return 1 if checks.failed else 0
 
 
-def _show_log(log: Path, lines: int = 30) -> None:
-    if log.exists():
-        tail = log.read_text(errors="replace").splitlines()[-lines:]
-        progress(f"last lines of {log}:\n" + "\n".join(tail))
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the benchmark; exit 1 on a failed check, 130 on interruption."""
     suite = argparse.ArgumentParser(add_help=False)
@@ -230,19 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         import peers
 
         return peers.main(rest)
-    args = parse_args(argv)
-    _restore_interrupts()
-    if not imgcache_binary().exists():
-        print(f"no {imgcache_binary()}: run with the repo's venv python", file=sys.stderr)
-        return 2
-    try:
-        return run(args)
-    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        progress("interrupted; everything started was stopped and removed")
-        return 130
+    return exit_status(run, parse_args(argv))
 
 
 if __name__ == "__main__":

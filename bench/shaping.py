@@ -22,6 +22,7 @@ import subprocess
 from pathlib import Path
 
 from debian import find_program
+from procs import pid_alive
 
 #: HTB handle of our root qdisc on lo (hex), to tell it from anyone else's.
 HANDLE = "1e5c"
@@ -46,22 +47,12 @@ def _ours(line: str) -> bool:
     return line.startswith(f"qdisc htb {HANDLE}: root")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_stale(marker: Path) -> None:
     """Remove the qdisc of an earlier run that died without removing it."""
     if not marker.exists():
         return
     match = re.match(r"(\d+)", marker.read_text())
-    if match and _alive(int(match.group(1))):
+    if match and pid_alive(int(match.group(1))):
         return
     if os.geteuid() == 0 and find_program("tc") and _ours(_root_qdisc()):
         _tc("qdisc", "del", "dev", "lo", "root", check=False)

@@ -1,5 +1,5 @@
 """The imgcache side of the interop suite: an ``imgcache serve`` process with its log kept,
-and image files of random bytes."""
+image files of random bytes, and images uploaded through imgcache by the clients."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 from processes import ImgcacheProcess
-from stack import Reply, call
+from stack import ClientRun, Clients, Reply, User, call
 
 MiB = 1024 * 1024
 #: imgcache's --decision-ttl in these tests: how long an "allowed" from Glance is reused.
@@ -72,3 +72,19 @@ class ImageFile:
         self.sha512 = sha512.hexdigest()
         with path.open("rb") as fh:
             self.head = fh.read(4096)
+
+
+def checked(run: ClientRun, what: str) -> ClientRun:
+    """Fail the test with the client's error unless the operation succeeded."""
+    assert run.ok, f"{what} failed: {run.error}\n{run.stderr}"
+    return run
+
+
+def upload_image(clients: Clients, imgcache: Imgcache, owner: User, src: ImageFile,
+                 name: str) -> str:
+    """Create a private image as ``owner`` and upload ``src``, through imgcache; its id."""
+    image_id = checked(clients.run("glanceclient", owner, imgcache.url, "create", name),
+                       "create").result["id"]
+    checked(clients.run("glanceclient", owner, imgcache.url, "upload", image_id, src.path),
+            "upload")
+    return str(image_id)

@@ -22,16 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from openstack_venv import GunicornApp, clean_env, glance_venv, run_manage, write_ini
 from processes import free_port, stop_process
-from realglance import (
-    RealGlance,
-    clean_env,
-    glance_venv,
-    start_gunicorn,
-    tail,
-    wait_until_answers,
-    write_ini,
-)
+from realglance import RealGlance
 
 OSCLIENT_PY = pathlib.Path(__file__).with_name("osclient.py")
 DOMAIN = "Default"
@@ -132,39 +125,23 @@ def fernet_key_repository(path: pathlib.Path) -> None:
         key.chmod(0o600)
 
 
-class Keystone:
+class Keystone(GunicornApp):
     """A real Keystone (sqlite, fernet tokens) under gunicorn on loopback, bootstrapped with
     an ``admin`` user in an ``admin`` project."""
 
     def __init__(self, state_dir: pathlib.Path, venv: pathlib.Path, admin_password: str) -> None:
-        self.state_dir = state_dir
-        self.venv = venv
+        self.keystone_log = state_dir / "keystone.log"
+        super().__init__(state_dir, venv, self.keystone_log)
         self.admin_password = admin_password
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.access_log = state_dir / "access.log"
-        self.server_log = state_dir / "gunicorn.log"
-        self.keystone_log = state_dir / "keystone.log"
-        self._proc: subprocess.Popen[bytes] | None = None
 
     def _manage(self, conf: pathlib.Path, *args: str, timeout: float) -> None:
-        run = subprocess.run(
+        run_manage(
             [self.venv / "bin" / "keystone-manage", "--config-file", conf, *args],
             env=clean_env(self.venv),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
             timeout=timeout,
-            check=False,
-        )
-        if run.returncode != 0:
-            out = "\n".join((run.stdout + run.stderr).splitlines()[-40:])
-            raise RuntimeError(f"keystone-manage {args[0]} failed ({run.returncode}):\n{out}")
-
-    def logs(self) -> str:
-        """The tails of Keystone's logs, for error messages."""
-        return "\n".join(
-            f"--- {log}:\n{tail(log)}" for log in (self.server_log, self.keystone_log)
+            what=f"keystone-manage {args[0]}",
         )
 
     def start(self, timeout: float = 120) -> None:
@@ -188,28 +165,16 @@ class Keystone:
             timeout=timeout,
         )
         # fmt: on
-        self._proc, _ = start_gunicorn(
-            self.venv,
+        self._serve(
             "keystone_wsgi:application",
-            cwd=self.state_dir,
             env=clean_env(self.venv, OS_KEYSTONE_CONFIG_DIR=str(self.state_dir)),
-            access_log=self.access_log,
-            server_log=self.server_log,
+            health_path="/v3",
+            timeout=timeout,
+            what="keystone",
             workers=2,
             port=self.port,
             preload=True,  # import keystone once, not once per worker
         )
-        try:
-            wait_until_answers(self._proc, f"{self.url}/v3", timeout, "keystone")
-        except RuntimeError as exc:
-            self.stop()
-            raise RuntimeError(f"{exc}:\n{self.logs()}") from None
-
-    def stop(self) -> None:
-        """Stop gunicorn and its workers; idempotent."""
-        if self._proc is not None:
-            stop_process(self._proc)
-            self._proc = None
 
     def token(self, user: str, password: str, project: str) -> tuple[str, dict[str, Any]]:
         """A project-scoped token for a user (password method) and its body."""

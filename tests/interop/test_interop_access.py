@@ -8,30 +8,14 @@ import time
 from collections.abc import Callable
 
 import pytest
-from harness import DECISION_TTL, ImageFile, Imgcache, MiB
+from harness import DECISION_TTL, ImageFile, Imgcache, MiB, checked, upload_image
 from relay import Relay
-from stack import GLANCE_TOKEN_CACHE_TIME, ClientRun, Clients, Reply, Stack, User, call
+from stack import GLANCE_TOKEN_CACHE_TIME, Clients, Reply, Stack, User, call
 
 pytestmark = pytest.mark.interop
 
 #: Slack for one round of polling and the requests' own time on a busy 2-core machine.
 SLACK = 3.0
-
-
-def checked(run: ClientRun, what: str) -> ClientRun:
-    """Fail the test with the client's error unless the operation succeeded."""
-    assert run.ok, f"{what} failed: {run.error}\n{run.stderr}"
-    return run
-
-
-def cached_image(clients: Clients, imgcache: Imgcache, owner: User, src: ImageFile,
-                 name: str) -> str:
-    """Create a private image as ``owner`` and upload ``src``, through imgcache; its id."""
-    image_id = checked(clients.run("glanceclient", owner, imgcache.url, "create", name),
-                       "create").result["id"]
-    checked(clients.run("glanceclient", owner, imgcache.url, "upload", image_id, src.path),
-            "upload")
-    return str(image_id)
 
 
 def assert_no_image_bytes(reply: Reply, src: ImageFile) -> None:
@@ -99,7 +83,7 @@ def test_shared_image_is_served_to_the_member_from_the_cache(
     image_file: Callable[[int], ImageFile], tmp_path: pathlib.Path,
 ) -> None:
     src = image_file(16 * MiB)
-    image_id = cached_image(clients, imgcache, alice, src, "to-share")
+    image_id = upload_image(clients, imgcache, alice, src, "to-share")
     first = checked(clients.run("glanceclient", alice, imgcache.url, "download", image_id,
                                 tmp_path / "alice.raw"), "alice's download")
     assert first.cache_statuses() == ["MISS"]
@@ -140,7 +124,7 @@ def test_revoked_token_stops_getting_bytes_within_the_decision_ttl(
 ) -> None:
     assert stack.glance is not None
     src = image_file(8 * MiB)
-    image_id = cached_image(clients, imgcache, alice, src, "revocation")
+    image_id = upload_image(clients, imgcache, alice, src, "revocation")
     token = stack.token(alice, fresh=True)
     assert imgcache.get(image_id, token).headers["x-cache-status"] == "MISS"
     imgcache.wait_committed(1)
@@ -171,7 +155,7 @@ def test_deactivated_image_is_not_served_from_the_cache_to_non_admins(
 ) -> None:
     assert stack.glance is not None
     src = image_file(8 * MiB)
-    image_id = cached_image(clients, imgcache, alice, src, "deactivation")
+    image_id = upload_image(clients, imgcache, alice, src, "deactivation")
     token, admin = stack.token(alice), stack.token(stack.admin)
     assert imgcache.get(image_id, token).headers["x-cache-status"] == "MISS"
     imgcache.wait_committed(1)

@@ -8,16 +8,10 @@ import pathlib
 from collections.abc import Callable
 
 import pytest
-from harness import ImageFile, Imgcache, MiB
+from harness import ImageFile, Imgcache, MiB, checked
 from stack import ClientRun, Clients, Stack, User
 
 pytestmark = pytest.mark.interop
-
-
-def checked(run: ClientRun, what: str) -> ClientRun:
-    """Fail the test with the client's error unless the operation succeeded."""
-    assert run.ok, f"{what} failed: {run.error}\n{run.stderr}"
-    return run
 
 
 @pytest.mark.parametrize("client", ["glanceclient", "sdk"])

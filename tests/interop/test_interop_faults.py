@@ -7,28 +7,13 @@ import pathlib
 from collections.abc import Callable
 
 import pytest
-from harness import ImageFile, Imgcache, MiB
+from harness import ImageFile, Imgcache, MiB, checked, upload_image
 from relay import Relay
-from stack import ClientRun, Clients, Stack, User
+from stack import Clients, Stack, User
 
 pytestmark = pytest.mark.interop
 
 CROWD = 16
-
-
-def checked(run: ClientRun, what: str) -> ClientRun:
-    """Fail the test with the client's error unless the operation succeeded."""
-    assert run.ok, f"{what} failed: {run.error}\n{run.stderr}"
-    return run
-
-
-def upload(clients: Clients, imgcache: Imgcache, owner: User, src: ImageFile) -> str:
-    """Create a private image as ``owner`` and upload ``src`` through imgcache; its id."""
-    image_id = checked(clients.run("glanceclient", owner, imgcache.url, "create", "faults"),
-                       "create").result["id"]
-    checked(clients.run("glanceclient", owner, imgcache.url, "upload", image_id, src.path),
-            "upload")
-    return str(image_id)
 
 
 def allowed(imgcache: Imgcache) -> float:
@@ -37,25 +22,31 @@ def allowed(imgcache: Imgcache) -> float:
     return imgcache.metric('imgcache_auth_checks_total{outcome="allowed"}')
 
 
+def release_when_joined(relay: Relay, imgcache: Imgcache, clients: int) -> None:
+    """Wait until the relay holds the fill and Glance has allowed ``clients`` GETs (each
+    client has joined that one fill), then let Glance's bytes go on (also on a timeout)."""
+    try:
+        relay.wait_held(1, timeout=60)
+        imgcache.wait_for(lambda: allowed(imgcache) >= clients, f"{clients} allowed GETs",
+                          timeout=60)
+    finally:
+        relay.release()
+
+
 def test_sixteen_clients_at_once_make_one_glance_download(
     stack: Stack, clients: Clients, imgcache: Imgcache, relay: Relay, alice: User,
     image_file: Callable[[int], ImageFile], tmp_path: pathlib.Path,
 ) -> None:
     assert stack.glance is not None
     src = image_file(32 * MiB)
-    image_id = upload(clients, imgcache, alice, src)
+    image_id = upload_image(clients, imgcache, alice, src, "faults")
 
     # Sixteen instances booting: a token each, as Nova passes on each user's own.
     tokens = [stack.token(alice, fresh=True) for _ in range(CROWD)]
     relay.hold()  # keep the fill in flight until the whole crowd has joined it
     crowd = clients.start("glanceclient", alice, imgcache.url, "download", image_id,
                           tmp_path / "crowd.raw", "--parallel", CROWD, tokens=tokens)
-    try:
-        relay.wait_held(1, timeout=60)
-        imgcache.wait_for(lambda: allowed(imgcache) >= CROWD, f"{CROWD} allowed GETs",
-                          timeout=60)
-    finally:
-        relay.release()
+    release_when_joined(relay, imgcache, CROWD)
     run = checked(clients.finish(crowd), f"{CROWD} downloads")
 
     assert run.result == [{"ok": True, "bytes": src.size, "sha256": src.sha256}] * CROWD
@@ -72,7 +63,7 @@ def test_corrupted_glance_store_fails_every_client_and_caches_nothing(
 ) -> None:
     assert stack.glance is not None
     src = image_file(24 * MiB)
-    image_id = upload(clients, imgcache, alice, src)
+    image_id = upload_image(clients, imgcache, alice, src, "faults")
     # Rot on Glance's disk: same size, a few bytes changed in the middle.
     stored = stack.glance.state_dir / "images" / image_id
     assert stored.stat().st_size == src.size
@@ -89,11 +80,7 @@ def test_corrupted_glance_store_fails_every_client_and_caches_nothing(
                       tmp_path / "gc.raw", "--parallel", 3, tokens=tokens),
         clients.start("sdk", alice, imgcache.url, "download", image_id, tmp_path / "sdk.raw"),
     ]
-    try:
-        relay.wait_held(1, timeout=60)
-        imgcache.wait_for(lambda: allowed(imgcache) >= 4, "4 allowed GETs", timeout=60)
-    finally:
-        relay.release()
+    release_when_joined(relay, imgcache, 4)  # glanceclient's 3 downloads and the sdk's
     runs = [clients.finish(proc) for proc in crowd]
 
     for run in runs:
