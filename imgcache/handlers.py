@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import time
 import uuid
@@ -132,6 +133,12 @@ def _abort(request: web.Request) -> None:
         request.transport.abort()
 
 
+def _new_request_id() -> str:
+    """An OpenStack-style ``req-<uuid4>``; from the process's PRNG, not os.urandom, since a
+    request id needs to be unique, not secret, and this runs for every request."""
+    return f"req-{uuid.UUID(int=random.getrandbits(128), version=4)}"
+
+
 class ImageDataRequest:
     """One ``GET /v2/images/{id}/file``: authorize with Glance, then serve from the cache
     (HIT), from a fill in flight (MISS when this request started it, COALESCED when it
@@ -141,7 +148,7 @@ class ImageDataRequest:
         self.services = services
         self.request = request
         self.raw_id = raw_id
-        self.request_id = (request.headers.get(REQUEST_ID_HEADER) or f"req-{uuid.uuid4()}")[:128]
+        self.request_id = (request.headers.get(REQUEST_ID_HEADER) or _new_request_id())[:128]
         self.result = "error"
         self.sent = 0
         self.status = 0  # 0 until answered; 499 when the client went away mid-body
@@ -215,10 +222,13 @@ class ImageDataRequest:
         for _ in range(3):  # an entry or fill can vanish between two looks
             entry = self.services.store.lookup(image_id, info.expected.key)
             if entry is not None:
-                fd = await self.services.store.open_entry(entry)
-                if fd is not None:
+                opened = await self.services.store.open_entry(entry)
+                if opened is not None:
                     self.result = "hit"
-                    return await self._send(info, byte_range, fd, None)
+                    try:
+                        return await self._send(info, byte_range, opened.fd, entry)
+                    finally:
+                        self.services.store.close_entry(opened)
                 continue
             try:
                 joined = self.services.fills.join_or_start(
@@ -234,12 +244,17 @@ class ImageDataRequest:
             fd = await fill.open_reader()
             if fd is not None:
                 self.result = "miss" if started else "coalesced"
-                return await self._send(info, byte_range, fd, fill)
+                try:
+                    return await self._send(info, byte_range, fd, fill)
+                finally:
+                    os.close(fd)
         self.result = "bypass"
         return await pass_through(self.services, self.request, "BYPASS", self._count_sent)
 
     async def _send(self, info: ImageInfo, byte_range: ByteRange | None, fd: int,
-                    fill: Fill | None) -> web.StreamResponse:
+                    source: Entry | Fill) -> web.StreamResponse:
+        """Send the image (or its range) from ``fd``: a committed entry's file, or the
+        file a fill is writing."""
         assert info.expected is not None
         size = info.expected.size
         start, end = (byte_range.start, byte_range.end) if byte_range else (0, size)
@@ -255,13 +270,15 @@ class ImageDataRequest:
         sender = self.services.sender
         try:
             await response.prepare(self.request)
-            if fill is None:
-                await sender.send_file(self.request, fd, start, end, self._count_sent)
+            if isinstance(source, Entry):
+                if not await sender.send_file(self.request, fd, start, end, size,
+                                              self._count_sent):
+                    self.services.store.drop_unusable(source, "its file was deleted")
             else:
-                await sender.send_growing(self.request, fd, start, end, fill,
+                await sender.send_growing(self.request, fd, start, end, source,
                                           self._count_sent)
         except FillFailed as exc:
-            if exc.outcome == "disk_error" and fill is not None:
+            if exc.outcome == "disk_error":
                 return await self._finish_from_glance(response, info, start + self.sent, end)
             log.warning("request %s: fill of image %s failed (%s); aborting the client "
                         "connection so it cannot take a partial image for a whole one",
@@ -273,7 +290,12 @@ class ImageDataRequest:
             self.status = 499
             _abort(self.request)
             return response
-        finally:
-            os.close(fd)
+        except OSError as exc:
+            if not isinstance(source, Entry):
+                raise
+            self.services.store.drop_unusable(source, str(exc))
+            self.result = "error"
+            _abort(self.request)
+            return response
         await response.write_eof()
         return response

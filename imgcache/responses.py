@@ -32,26 +32,30 @@ class ZeroCopySender:
         self._threads = threads
 
     async def send_file(self, request: web.Request, fd: int, start: int, end: int,
-                        on_sent: Callable[[int], None]) -> None:
-        """Send bytes ``start``..``end`` of a complete file, calling ``on_sent`` with the
-        count of each piece that left."""
-        await self._send(request, fd, start, end, None, on_sent)
+                        size: int, on_sent: Callable[[int], None]) -> bool:
+        """Send bytes ``start``..``end`` of a complete cached file of ``size`` bytes, calling
+        ``on_sent`` with the count of each piece that left. Raises OSError, before sending
+        a byte, if the file no longer has ``size`` bytes. Returns False if the file was
+        deleted from the cache directory meanwhile (its bytes were still sent whole)."""
+        return await self._send(request, fd, start, end, None, on_sent, size)
 
     async def send_growing(self, request: web.Request, fd: int, start: int, end: int,
                            fill: Fill, on_sent: Callable[[int], None]) -> None:
         """Send bytes ``start``..``end`` of a file that ``fill`` is still writing, each as
         soon as it is on disk, the last ones only once the fill is verified. Raises
         FillFailed (after sending what was allowed) if the fill fails."""
-        await self._send(request, fd, start, end, fill, on_sent)
+        await self._send(request, fd, start, end, fill, on_sent, None)
 
     async def _send(self, request: web.Request, fd: int, start: int, end: int,
-                    fill: Fill | None, on_sent: Callable[[int], None]) -> None:
+                    fill: Fill | None, on_sent: Callable[[int], None],
+                    size: int | None) -> bool:
         loop = asyncio.get_running_loop()
         transport = request.transport
         sock = transport.get_extra_info("socket") if transport is not None else None
         if transport is None or sock is None or transport.is_closing():
             raise ConnectionResetError("client went away")
         out_fd = os.dup(sock.fileno())
+        linked = True
         try:
             # Bytes aiohttp or uvloop still hold (the headers) must leave before ours.
             while transport.get_write_buffer_size():
@@ -63,14 +67,31 @@ class ZeroCopySender:
                     assert fill is not None
                     await fill.wait_for_progress()
                     continue
-                sent, blocked = await loop.run_in_executor(
-                    self._threads, _sendfile_until_blocked, out_fd, fd, position, limit)
+                if size is not None:  # the first piece of a cached file: check it first
+                    sent, blocked, linked = await loop.run_in_executor(
+                        self._threads, _check_then_send, out_fd, fd, position, limit, size)
+                    size = None
+                else:
+                    sent, blocked = await loop.run_in_executor(
+                        self._threads, _sendfile_until_blocked, out_fd, fd, position, limit)
                 position += sent
                 on_sent(sent)
                 if blocked:
                     await _writable(loop, out_fd)
         finally:
             os.close(out_fd)
+        return linked
+
+
+def _check_then_send(out_fd: int, in_fd: int, start: int, end: int,
+                     size: int) -> tuple[int, bool, bool]:
+    """Runs on a worker thread: check that the cached file still has its committed size,
+    then ``_sendfile_until_blocked``. Also returns whether the file is still linked."""
+    status = os.fstat(in_fd)
+    if status.st_size != size:
+        raise OSError(errno.ESTALE, f"the cached file has {status.st_size} bytes, "
+                                    f"{size} were committed")
+    return (*_sendfile_until_blocked(out_fd, in_fd, start, end), status.st_nlink > 0)
 
 
 def _sendfile_until_blocked(out_fd: int, in_fd: int, start: int, end: int) -> tuple[int, bool]:

@@ -28,12 +28,17 @@ import diskcache
 from imgcache.errors import NoSpace
 from imgcache.keys import data_file_name, partial_file_name
 from imgcache.metrics import Metrics
+from imgcache.openfiles import OpenFile, OpenFiles
 
 log = logging.getLogger(__name__)
 
 #: After a write to the cache fails (disk full, directory gone, read-only), new images are
 #: streamed through uncached for this long before caching is tried again.
 DISK_ERROR_PAUSE = 30.0
+#: Hits change an entry's recency and hit count in memory at once; the index on disk gets
+#: them in one batch at most this many seconds later (and at shutdown). A crash loses at
+#: most this much recency, never an entry.
+TOUCH_FLUSH_DELAY = 5.0
 
 
 @dataclass
@@ -78,6 +83,9 @@ class Store:
         self._background: set[asyncio.Future[Any]] = set()
         self._disk_error_until = 0.0
         self._disk_error = ""
+        self._open_files = OpenFiles(files)
+        self._touched: dict[str, Entry] = {}
+        self._touch_flush: asyncio.TimerHandle | None = None
         metrics.cache_max_bytes.set(max_bytes)
 
     @property
@@ -147,7 +155,9 @@ class Store:
         return records
 
     async def close(self) -> None:
-        """Finish pending index writes and close the index."""
+        """Write pending recency, finish pending index writes, close files and the index."""
+        self._flush_touched()
+        await self._open_files.close()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         loop = asyncio.get_running_loop()
@@ -167,25 +177,38 @@ class Store:
             return None
         return entry
 
-    async def open_entry(self, entry: Entry) -> int | None:
-        """An fd to read the entry's file, or None if the file has vanished or does not
-        have the entry's size (then the entry is dropped). Counts a hit and moves the
-        entry to the most recently used end."""
-        path = self.data_dir / entry.file_name
-        loop = asyncio.get_running_loop()
+    async def open_entry(self, entry: Entry) -> OpenFile | None:
+        """The entry's file, open for reading, to hand back with ``close_entry``; None if the
+        file has vanished or does not have the entry's size (then the entry is dropped).
+        Counts a hit and moves the entry to the most recently used end."""
         try:
-            fd = await loop.run_in_executor(self._files, _open_sized, path, entry.size)
+            handle = await self._open_files.acquire(self.data_dir / entry.file_name,
+                                                    entry.size)
         except OSError as exc:
-            log.warning("entry %s is unusable (%s); dropping it", entry.image_id, exc)
-            if self._entries.get(entry.image_id) is entry:
-                self.remove(entry.image_id)
+            self.drop_unusable(entry, str(exc))
             return None
         entry.hits += 1
         entry.last_access = time.time()
         if self._entries.get(entry.image_id) is entry:
             self._entries.move_to_end(entry.image_id)
-            self._persist(entry)
-        return fd
+            self._touched[entry.image_id] = entry
+            if self._touch_flush is None:
+                self._touch_flush = asyncio.get_running_loop().call_later(
+                    TOUCH_FLUSH_DELAY, self._flush_touched)
+        return handle
+
+    def close_entry(self, handle: OpenFile) -> None:
+        """A reader is done with a file ``open_entry`` gave it."""
+        self._open_files.release(handle)
+
+    def drop_unusable(self, entry: Entry, reason: str) -> None:
+        """The entry's file cannot be read as committed: drop the entry (next request is a
+        miss that fetches the image again)."""
+        if self._entries.get(entry.image_id) is entry:
+            log.warning("entry %s is unusable (%s); dropping it", entry.image_id, reason)
+            self.remove(entry.image_id)
+        else:  # already gone from the cache (evicted, replaced): just stop reusing its fd
+            self._open_files.retire(entry.file_name)
 
     def reserve(self, size: int) -> Reservation:
         """Set aside ``size`` bytes, evicting least recently used unpinned entries as needed.
@@ -221,7 +244,7 @@ class Store:
                       created_at=now, last_access=now, verified_at=now)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._files, self._adopt_sync, partial, entry.file_name)
-        await loop.run_in_executor(self._index_thread, self._write_record, entry)
+        await loop.run_in_executor(self._index_thread, self._write_records, [asdict(entry)])
         self.release(reservation)
         if image_id in self._entries:  # an older copy, e.g. from before a re-hash
             self.remove(image_id)
@@ -262,6 +285,8 @@ class Store:
         entry = self._entries.pop(image_id, None)
         if entry is None:
             return None
+        self._touched.pop(image_id, None)
+        self._open_files.retire(entry.file_name)
         self._entry_bytes -= entry.size
         self._publish()
         self._background_call(self._index_thread, self._delete_sync, entry)
@@ -328,11 +353,23 @@ class Store:
             self._metrics.evictions.inc()
 
     def _persist(self, entry: Entry) -> None:
-        self._background_call(self._index_thread, self._write_record, entry)
+        self._touched.pop(entry.image_id, None)
+        self._background_call(self._index_thread, self._write_records, [asdict(entry)])
 
-    def _write_record(self, entry: Entry) -> None:
+    def _flush_touched(self) -> None:
+        if self._touch_flush is not None:
+            self._touch_flush.cancel()
+            self._touch_flush = None
+        if self._touched:
+            records = [asdict(entry) for entry in self._touched.values()]
+            self._touched.clear()
+            self._background_call(self._index_thread, self._write_records, records)
+
+    def _write_records(self, records: list[dict[str, Any]]) -> None:
         assert self._index is not None
-        self._index.set(entry.image_id, asdict(entry))
+        with self._index.transact():
+            for record in records:
+                self._index.set(record["image_id"], record)
 
     def _delete_sync(self, entry: Entry) -> None:
         assert self._index is not None
@@ -356,12 +393,3 @@ class Store:
         self._metrics.cache_pinned_bytes.set(self.pinned_bytes)
         self._metrics.cache_entries.set(len(self._entries))
 
-
-def _open_sized(path: Path, size: int) -> int:
-    """Open a cached file for reading, checking it still has its recorded size."""
-    fd = os.open(path, os.O_RDONLY)
-    actual = os.fstat(fd).st_size
-    if actual != size:
-        os.close(fd)
-        raise OSError(f"{path.name} has {actual} bytes, {size} were committed")
-    return fd

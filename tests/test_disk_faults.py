@@ -109,4 +109,5 @@ async def test_cache_directory_read_only_while_serving(
             assert headers["X-Cache-Status"] == "BYPASS"
         assert (await imgcache.metrics())["imgcache_disk_errors_total"] == 1
     finally:
-        await asyncio.to_thread(subprocess.run, ["umount", cache], check=True)
+        # Lazy: imgcache keeps the hit file open (its open-file cache), so the mount is busy.
+        await asyncio.to_thread(subprocess.run, ["umount", "--lazy", cache], check=True)
