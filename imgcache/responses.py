@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 
-from imgcache.fill import Fill
+from imgcache.fill import Fill, FillFailed
 
 #: Upper bound of one sendfile(2) call; the socket buffer usually bounds it first.
 _MAX_SENDFILE = 1 << 30
@@ -67,7 +67,10 @@ class ZeroCopySender:
                     assert fill is not None
                     await fill.wait_for_progress()
                     continue
-                if size is not None:  # the first piece of a cached file: check it first
+                if fill is not None:
+                    sent, blocked = await loop.run_in_executor(
+                        self._threads, _send_while_growing, out_fd, fd, position, end, fill)
+                elif size is not None:  # the first piece of a cached file: check it first
                     sent, blocked, linked = await loop.run_in_executor(
                         self._threads, _check_then_send, out_fd, fd, position, limit, size)
                     size = None
@@ -92,6 +95,29 @@ def _check_then_send(out_fd: int, in_fd: int, start: int, end: int,
         raise OSError(errno.ESTALE, f"the cached file has {status.st_size} bytes, "
                                     f"{size} were committed")
     return (*_sendfile_until_blocked(out_fd, in_fd, start, end), status.st_nlink > 0)
+
+
+def _send_while_growing(out_fd: int, in_fd: int, start: int, end: int,
+                        fill: Fill) -> tuple[int, bool]:
+    """Runs on a worker thread: send what ``fill`` allows and go on with what it writes
+    meanwhile, until done, caught up, or the socket is full. Returns bytes sent and whether
+    the socket would block; a failed fill is raised only once no byte was sent (the caller
+    looks again, so that the bytes that left are always counted)."""
+    position = start
+    while position < end:
+        try:
+            limit = fill.readable_until(end)
+        except FillFailed:
+            if position > start:
+                break
+            raise
+        if limit <= position:
+            break
+        sent, blocked = _sendfile_until_blocked(out_fd, in_fd, position, limit)
+        position += sent
+        if blocked:
+            return position - start, True
+    return position - start, False
 
 
 def _sendfile_until_blocked(out_fd: int, in_fd: int, start: int, end: int) -> tuple[int, bool]:

@@ -187,6 +187,9 @@ class Store:
         except OSError as exc:
             self.drop_unusable(entry, str(exc))
             return None
+        if self._entries.get(entry.image_id) is not entry:
+            # Dropped while its file was being opened: this reader finishes, no other starts.
+            self._open_files.retire(entry.file_name)
         entry.hits += 1
         entry.last_access = time.time()
         if self._entries.get(entry.image_id) is entry:

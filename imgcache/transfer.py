@@ -23,8 +23,6 @@ from imgcache.upstream import Upstream
 
 log = logging.getLogger(__name__)
 
-#: Largest piece read from Glance at once (smaller when bytes arrive slowly).
-READ_CHUNK = 1 << 20
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
@@ -112,7 +110,7 @@ class ResumableDownload:
                       feed: Callable[[bytes], Awaitable[None]]) -> None:
         try:
             while self.received < self._end:
-                chunk = await response.content.read(READ_CHUNK)
+                chunk = await _next_piece(response.content)
                 if not chunk:
                     raise UpstreamError(f"Glance ended the body at byte {self.received}, "
                                         f"expected {self._end}")
@@ -136,3 +134,13 @@ class ResumableDownload:
             raise
         except Exception as exc:
             raise self._upstream.broken(exc, "an image download") from exc
+
+
+async def _next_piece(content: aiohttp.StreamReader) -> bytes:
+    """The next piece of the body as it arrived from the socket (b"" at its end). read(n)
+    and readany() join whatever is buffered into a new copy; readchunk() hands the pieces
+    over as they are."""
+    while True:
+        piece, at_chunk_end = await content.readchunk()
+        if piece or not at_chunk_end:  # (b"", True) only marks a chunked-encoding boundary
+            return piece

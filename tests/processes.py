@@ -82,6 +82,7 @@ class ImgcacheProcess:
         """Start the server (``env`` adds variables, ``wrapper`` is a command prefix that
         execs it); unless ``wait`` is False, return once both listeners answer."""
         self.port = free_port()
+        self.cache_dir = cache_dir
         self.metrics_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}"
@@ -147,6 +148,16 @@ class ImgcacheProcess:
     def open_fds(self) -> int:
         """How many file descriptors the server has open now."""
         return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def open_cache_files(self) -> int:
+        """How many of the server's fds are committed cache files (hits keep recently read
+        ones open: imgcache.openfiles)."""
+        data = f"{self.cache_dir / 'data'}/"
+        count = 0
+        for fd in os.listdir(f"/proc/{self.pid}/fd"):
+            with contextlib.suppress(OSError):
+                count += os.readlink(f"/proc/{self.pid}/fd/{fd}").startswith(data)
+        return count
 
     def client_connections(self) -> int:
         """How many client connections (established, on its listening port) the server

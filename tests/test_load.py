@@ -496,7 +496,9 @@ async def test_a_soak_keeps_fds_and_memory_flat_and_never_fails(
                             'imgcache_fills_total{outcome="committed"}', len(known))
 
     def fds_but_upstream() -> int:
-        return server.open_fds() - server.upstream_connections(glance.standin.port)
+        """Open fds but pooled connections to Glance and the cache files kept open."""
+        return (server.open_fds() - server.upstream_connections(glance.standin.port)
+                - server.open_cache_files())
 
     idle_fds = await asyncio.to_thread(fds_but_upstream)
     soak = Soak(server.port, glance, known)
@@ -523,10 +525,19 @@ async def test_a_soak_keeps_fds_and_memory_flat_and_never_fails(
     assert samples.quarter(samples.rss, 3) < samples.quarter(samples.rss, 1) * 1.1 + 8 * MiB
     assert samples.quarter(samples.fds, 3) < samples.quarter(samples.fds, 1) + 4 * workers
     # Load over: the fds go back to what the idle server had, but for idle connections
-    # to Glance that aiohttp keeps for up to 30 s (a pool no larger than the load was).
+    # to Glance that aiohttp keeps for up to 30 s (a pool no larger than the load was) and
+    # the recently hit cache files kept open (at most one per cached image).
+    def settled() -> tuple[int, int, int]:
+        return (fds_but_upstream(), server.open_cache_files(),
+                len(os.listdir(server.cache_dir / "data")))
+
     stopped = time.monotonic()
-    while (fds := await asyncio.to_thread(fds_but_upstream)) > idle_fds:
-        assert time.monotonic() < stopped + 10, f"{fds} fds open, {idle_fds} when idle"
+    while True:
+        fds, kept, cached = await asyncio.to_thread(settled)
+        if fds <= idle_fds and kept <= cached:
+            break
+        assert time.monotonic() < stopped + 10, (
+            f"{fds} fds open, {idle_fds} when idle; {kept} cache files open, {cached} cached")
         await asyncio.sleep(0.2)
     pool = await asyncio.to_thread(server.upstream_connections, glance.standin.port)
     assert pool <= 2 * workers
