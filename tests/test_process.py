@@ -217,3 +217,16 @@ def test_json_logs_have_one_object_per_image_request_and_no_token(
     assert access["result"] == "MISS" and access["status"] == 200
     assert access["bytes"] == standin.size and access["duration"] >= 0
     assert TOKEN not in log
+
+
+def test_file_threads_run_below_the_event_loops_priority(server: ImgcacheProcess) -> None:
+    """In a storm dozens of file threads copy bytes at once; the loop, which answers every
+    client, must not queue behind them for a CPU (imgcache.app.FILE_THREADS_NICE)."""
+    nice: dict[str, list[int]] = {}
+    for task in Path(f"/proc/{server.pid}/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        nice.setdefault("loop" if task.name == str(server.pid) else "other", []).append(
+            int(fields[16]))
+    assert nice["loop"] == [0]
+    # Every file thread is started before serving, each at the loop's nice + 10.
+    assert nice["other"].count(10) >= 32
