@@ -490,8 +490,14 @@ def measure_storms(bench: PeerBench, names: list[str], image_key: str, links: li
                 _storm_progress(bench, key, name, got)
             one = direct_one(bench, link, fixed)
             res.add(f"{key}.direct1_wall", BOUND, one.total)
+            # Scenario 3 over the link: one client's verified cold miss against one direct
+            # download at the same speed.
+            cold = imgcache_cold(bench, bench.routes.fresh(image_key), f"{link} link", link)
+            res.add(f"{key}.cold_mbps", IMGCACHE, cold.got.mb_per_s)
+            res.add(f"{key}.cold_mbps", DIRECT, one.mb_per_s)
             progress(f"  {key} bound: one direct download {one.total:.2f} s, nginx local "
-                     f"file to {clients} clients {fan.wall:.2f} s")
+                     f"file to {clients} clients {fan.wall:.2f} s; one cold miss through "
+                     f"imgcache {cold.got.mb_per_s:.0f} MB/s, direct {one.mb_per_s:.0f} MB/s")
 
 
 # --- scenario 3 (and 4, 5): single-client cold miss ----------------------------------------
@@ -506,18 +512,19 @@ class ColdRep:
     peak_rss: int = 0  # imgcache only
 
 
-def imgcache_cold(bench: PeerBench, route: Route, label: str) -> ColdRep:
-    """One client asking imgcache for an image it has never seen. Returns the download,
-    the CPU used meanwhile, imgcache's peak RSS during it and the bytes it wrote to disk
-    for the fill (counted until the fill committed, fdatasync included); the entry is
-    evicted after."""
-    imgcache = bench.imgcaches["glance"]
+def imgcache_cold(bench: PeerBench, route: Route, label: str,
+                  upstream: str = "glance") -> ColdRep:
+    """One client asking imgcache (the one in front of ``upstream``) for an image it has
+    never seen. Returns the download, the CPU used meanwhile, imgcache's peak RSS during it
+    and the bytes it wrote to disk for the fill (counted until the fill committed,
+    fdatasync included); the entry is evicted after."""
+    imgcache = bench.imgcaches[upstream]
     pid = _pid(imgcache)
     settle()
     before = imgcache.committed_fills()
     written_before = write_bytes([pid])
     reset_peak_rss(pid)
-    meter = UsageMeter([pid], pid, bench.upstreams["glance"].pids())
+    meter = UsageMeter([pid], pid, bench.upstreams[upstream].pids())
     got = download(bench.procs, data_url(imgcache.url, route.image_id))
     usage = meter.stop()
     check_download(bench.checks, f"cold, 1 client, {label}: imgcache, a complete MISS", got,

@@ -226,7 +226,7 @@ def plan(args: argparse.Namespace) -> tuple[Routes, dict[str, TestImage]]:
     routes = Routes()
     caches = 4  # imgcache, nginx, nginx-1h, varnish
     fresh = {"hit": 3 * args.reps, "small": 0,
-             "storm": caches * len(args.links) * args.reps, "big": args.reps}
+             "storm": (caches + 1) * len(args.links) * args.reps, "big": args.reps}
     for key, image in images.items():
         if key != "real":
             routes.add(key, image, fresh[key], lambda: str(uuid.uuid4()))
