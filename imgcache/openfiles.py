@@ -85,6 +85,8 @@ class OpenFiles:
 
     def _trim(self) -> None:
         excess = len(self._open) - self._capacity
+        if excess <= 0:  # the usual case, on every hit: no walk over the open files
+            return
         for name in list(self._open):
             if excess <= 0:
                 break

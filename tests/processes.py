@@ -153,11 +153,7 @@ class ImgcacheProcess:
         """How many of the server's fds are committed cache files (hits keep recently read
         ones open: imgcache.openfiles)."""
         data = f"{self.cache_dir / 'data'}/"
-        count = 0
-        for fd in os.listdir(f"/proc/{self.pid}/fd"):
-            with contextlib.suppress(OSError):
-                count += os.readlink(f"/proc/{self.pid}/fd/{fd}").startswith(data)
-        return count
+        return sum(target.startswith(data) for target in fd_targets(self.pid))
 
     def client_connections(self) -> int:
         """How many client connections (established, on its listening port) the server
@@ -178,17 +174,23 @@ class ImgcacheProcess:
                     local, remote = (int(f.rsplit(":", 1)[1], 16) for f in fields[1:3])
                     if wanted(local, remote, fields[3]):
                         inodes.add(f"socket:[{fields[9]}]")
-        held = set()
-        for fd in os.listdir(f"/proc/{self.pid}/fd"):
-            with contextlib.suppress(OSError):
-                held.add(os.readlink(f"/proc/{self.pid}/fd/{fd}"))
-        return len(held & inodes)
+        return len(set(fd_targets(self.pid)) & inodes)
 
     def stop(self) -> str:
         """Stop the server; return everything it wrote on stderr."""
         stop_process(self.proc)
         self._drainer.join(10)
         return "".join(self.stderr_lines)
+
+
+def fd_targets(pid: int | str) -> list[str]:
+    """What each open fd of process ``pid`` ("self" for this one) points at, as
+    /proc/PID/fd shows it (a file path, " (deleted)" appended once unlinked, or socket:[N])."""
+    targets = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile
+            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return targets
 
 
 def stop_process(proc: subprocess.Popen[Any], grace: float = 10) -> None:

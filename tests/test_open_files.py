@@ -11,6 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from inloop import TOKEN, Imgcache, ImgcacheFactory
+from processes import fd_targets
 
 from imgcache.app import running
 from imgcache.config import load_settings
@@ -25,15 +26,7 @@ def sha512(data: bytes) -> str:
 
 def fds_open_on(path: Path) -> int:
     """How many fds of this process point at ``path`` (deleted or not)."""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.removesuffix(" (deleted)") == str(path):
-            count += 1
-    return count
+    return sum(target.removesuffix(" (deleted)") == str(path) for target in fd_targets("self"))
 
 
 async def cached(imgcache: Imgcache, image: StandinImage) -> Path:
