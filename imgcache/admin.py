@@ -139,9 +139,10 @@ async def clear_entries(request: web.Request) -> web.Response:
     """Evict every unpinned entry (``?pinned=1``: pinned ones too)."""
     store = _services(request).store
     with_pinned = request.query.get("pinned") in ("1", "true", "yes")
-    removed = [e.image_id for e in store.entries() if with_pinned or not e.pinned]
-    for image_id in removed:
-        store.remove(image_id)
+    removed = store.remove_many([e.image_id for e in store.entries()
+                                 if with_pinned or not e.pinned])
+    for entry in removed:
+        _services(request).authorizer.forget(entry.image_id)
     kept = len(store.entries())
     log.info("management: cleared %d entries (%d pinned kept)", len(removed), kept)
     return web.json_response({"removed": len(removed), "kept_pinned": kept})
@@ -229,7 +230,8 @@ async def stats(request: web.Request) -> web.Response:
     store = services.store
     return web.json_response({
         "cache_bytes": store.used_bytes, "max_bytes": store.max_bytes,
-        "pinned_bytes": store.pinned_bytes, "entries": len(store.entries()),
+        "pinned_bytes": store.pinned_bytes, "over_cap_bytes": store.over_cap_bytes,
+        "entries": len(store.entries()),
         "fills_in_progress": len(services.fills.in_flight()),
         "requests": requests,
         "hit_ratio": (requests["hit"] / answered) if answered else None,

@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from imgcache.admin import bind_admin_socket, create_admin_app, set_socket_access
 from imgcache.authorize import Authorizer
-from imgcache.config import Settings
+from imgcache.config import Settings, format_size
 from imgcache.errors import ConfigError
 from imgcache.fill import FillRegistry
 from imgcache.handlers import SERVICES, Services, dispatch
@@ -35,18 +35,26 @@ from imgcache.verify import Verifier
 
 log = logging.getLogger(__name__)
 
-#: Worker threads for file opens, deletes and sendfile calls (each call is short: it ends
-#: when a socket buffer is full).
+#: Worker threads for sendfile calls (each call is short: it ends when a socket buffer is
+#: full or after responses.MAX_BYTES_PER_CALL).
 FILE_THREADS = 32
 #: Nice value of those threads, above the event loop's: in a boot storm dozens of them copy
 #: bytes at once, and at equal priority the loop (one thread answering every client) would
 #: wait behind all of them for a CPU, and new clients for their first byte.
 FILE_THREADS_NICE = 10
+#: Worker threads for file opens, creates, closes, deletes and commits: a pool apart from
+#: the senders', so that none of these waits behind multi-GB sends.
+CONTROL_THREADS = 8
+#: Threads that write and hash downloads (two per fill, one per stream verified on its way
+#: to a client); PIPELINE_THREADS_STARTED of them start before serving (a thread start
+#: holds the loop until the new thread runs), more start when needed.
+PIPELINE_THREADS = 256
+PIPELINE_THREADS_STARTED = 16
 #: Biggest request head a client may send (request line plus headers).
 MAX_HEADER_BYTES = 64 * 1024
 #: Settings a SIGHUP applies to the running server; the others need a restart.
-RELOADABLE = frozenset({"max_size", "decision_ttl", "log_level", "log_format", "retries",
-                        "retry_backoff"})
+RELOADABLE = frozenset({"max_size", "decision_ttl", "policy_check", "log_level",
+                        "log_format", "retries", "retry_backoff"})
 
 
 def _yield_to_the_loop() -> None:
@@ -77,29 +85,35 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
         # Reads the CA, certificate and key files: off the loop, before anything is served;
         # a bad file stops start-up (ConfigError) before anything is opened.
         tls = await asyncio.to_thread(tls_context, settings)
-        files = ThreadPoolExecutor(FILE_THREADS, thread_name_prefix="imgcache-files",
-                                   initializer=_yield_to_the_loop)
-        await _start_every_thread(files, FILE_THREADS)
+        senders = ThreadPoolExecutor(FILE_THREADS, thread_name_prefix="imgcache-send",
+                                     initializer=_yield_to_the_loop)
+        control = ThreadPoolExecutor(CONTROL_THREADS, thread_name_prefix="imgcache-files")
+        pipeline = ThreadPoolExecutor(PIPELINE_THREADS, thread_name_prefix="imgcache-pipe")
+        await asyncio.gather(_start_every_thread(senders, FILE_THREADS),
+                             _start_every_thread(control, CONTROL_THREADS),
+                             _start_every_thread(pipeline, PIPELINE_THREADS_STARTED))
         upstream = Upstream(settings.upstream, connect_timeout=settings.connect_timeout,
                             read_timeout=settings.read_timeout, metrics=metrics,
                             proxy=settings.proxy, ssl_context=tls)
-        store = Store(settings.cache_dir, settings.max_size, metrics, files)
+        store = Store(settings.cache_dir, settings.max_size, metrics, control)
         await store.open()
         await upstream.start()
-        authorizer = Authorizer(upstream, settings.decision_ttl, metrics)
-        fills = FillRegistry(store, upstream, metrics, files, retries=settings.retries,
-                             retry_backoff=settings.retry_backoff)
+        authorizer = Authorizer(upstream, settings.decision_ttl, metrics,
+                                settings.policy_check)
+        fills = FillRegistry(store, upstream, metrics, control, pipeline,
+                             retries=settings.retries, retry_backoff=settings.retry_backoff)
         verifier = Verifier(store, metrics)
         services = Services(
             upstream=upstream,
             authorizer=authorizer,
             store=store,
             fills=fills,
-            sender=ZeroCopySender(files),
+            sender=ZeroCopySender(senders),
             metrics=metrics,
             prefetcher=Prefetcher(authorizer, store, fills, metrics,
                                   settings.prefetch_concurrency),
             verifier=verifier,
+            pipeline=pipeline,
         )
         app[SERVICES] = services
         scrub = (asyncio.get_running_loop().create_task(
@@ -113,7 +127,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
         verifier.close()
         await upstream.close()
         await store.close()
-        files.shutdown(wait=False, cancel_futures=True)
+        for pool in (senders, control, pipeline):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_route("*", "/{tail:.*}", dispatch)
@@ -200,7 +215,9 @@ def apply_reload(served: Running, old: Settings, new: Settings) -> Settings:
     if "max_size" in applied:
         services.store.set_max_bytes(new.max_size)
     if "decision_ttl" in applied:
-        services.authorizer.ttl = new.decision_ttl
+        services.authorizer.set_ttl(new.decision_ttl)
+    if "policy_check" in applied:
+        services.authorizer.set_policy_check(new.policy_check)
     if {"retries", "retry_backoff"} & applied.keys():
         services.fills.set_retry_policy(new.retries, new.retry_backoff)
     if {"log_level", "log_format"} & applied.keys():
@@ -218,9 +235,10 @@ async def serve_forever(settings: Settings, reload: Callable[[], Settings]) -> N
     notifier = SystemdNotifier()
     try:
         async with running(settings) as served:
-            log.info("imgcache serving %s in front of %s (cache %s, cap %d bytes); metrics "
+            log.info("imgcache serving %s in front of %s (cache %s, cap %s); metrics "
                      "at %s/metrics; management socket %s", served.proxy_url,
-                     ", ".join(settings.upstream), settings.cache_dir, settings.max_size,
+                     ", ".join(settings.upstream), settings.cache_dir,
+                     format_size(settings.max_size),
                      served.metrics_url, settings.admin_socket)
             notifier.ready(f"serving {served.proxy_url}")
             watchdog = asyncio.ensure_future(notifier.watchdog())

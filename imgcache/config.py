@@ -32,6 +32,15 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+def format_size(count: float) -> str:
+    """``count`` bytes in binary units, as a person reads them: ``512 B``, ``1.5 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
 def parse_duration(text: str) -> float:
     """Parse ``30s``, ``500ms``, ``5m``, ``1h`` or plain seconds."""
     match = _DURATION.match(text)
@@ -100,6 +109,15 @@ def parse_log_format(text: str) -> str:
     value = text.strip().lower()
     if value not in ("plain", "json"):
         raise ValueError("expected plain or json")
+    return value
+
+
+def parse_policy_check(text: str) -> str:
+    """Accept ``download`` or ``metadata``."""
+    value = text.strip().lower()
+    if value not in ("download", "metadata"):
+        raise ValueError("expected download (Glance's download_image policy decides) or "
+                         "metadata (only its get_image policy)")
     return value
 
 
@@ -200,6 +218,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("decision_ttl", "auth", "decision_ttl", "decision-ttl",
            _nonnegative(parse_duration), "30s",
            "How long Glance's 'allowed' answer for a (token, image) is reused; 0 asks every time."),
+    Option("policy_check", "auth", "policy_check", "policy-check", parse_policy_check,
+           "download",
+           "What imgcache asks Glance before serving a cached image: download (its "
+           "download_image policy, by a one-byte data GET) or metadata (only get_image; for "
+           "clouds whose download policy is no stricter)."),
     Option("scrub_interval", "cache", "scrub_interval", "scrub-interval",
            _nonnegative(parse_duration), "24h",
            "How often every cached image is re-hashed against its digest; 0 turns it off."),
@@ -244,6 +267,7 @@ class Settings:
     cache_dir: Path
     max_size: int
     decision_ttl: float
+    policy_check: str
     scrub_interval: float
     scrub_rate: int
     drain_grace: float

@@ -219,7 +219,9 @@ _HUMAN = {
     or "nothing cached",
     "stats": lambda a: "\n".join([
         f"cache:       {_size(a['cache_bytes'])} of {_size(a['max_bytes'])} "
-        f"({_size(a['pinned_bytes'])} pinned), {a['entries']} images",
+        f"({_size(a['pinned_bytes'])} pinned), {a['entries']} images"
+        + (f"; {_size(a['over_cap_bytes'])} OVER THE CAP that cannot be evicted (unpin "
+           "images or raise [cache] max_size)" if a.get("over_cap_bytes") else ""),
         f"in flight:   {a['fills_in_progress']} downloads",
         "requests:    " + ", ".join(f"{k} {v:.0f}" for k, v in a["requests"].items()),
         "hit ratio:   " + ("-" if a["hit_ratio"] is None else f"{a['hit_ratio']:.1%}"),

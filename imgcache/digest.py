@@ -7,8 +7,12 @@ Glance publishes ``os_hash_algo``/``os_hash_value`` (sha512 by default) and an m
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from dataclasses import dataclass
 from typing import Any
+
+_READ_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -57,3 +61,26 @@ def expected_from_metadata(size: int, meta: dict[str, Any]) -> Expected:
     if checksum:
         return Expected(size, "checksum", "md5", str(checksum).lower())
     return Expected(size, "size_only", "", "")
+
+
+def hash_fd(fd: int, hasher: Any | None, length: int | None = None,
+            rate: float | None = None) -> int:
+    """Blocking (run it on a thread): feed the bytes of ``fd`` from offset 0 to ``hasher``
+    (None: only count them), up to ``length`` bytes (None: to the end), reading at most
+    ``rate`` bytes per second. Returns how many bytes were read; fewer than ``length``
+    means the file is shorter."""
+    started = time.monotonic()
+    done = 0
+    while length is None or done < length:
+        want = _READ_BYTES if length is None else min(_READ_BYTES, length - done)
+        chunk = os.pread(fd, want, done)
+        if not chunk:
+            break
+        if hasher is not None:
+            hasher.update(chunk)
+        done += len(chunk)
+        if rate:
+            ahead = done / rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+    return done

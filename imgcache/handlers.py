@@ -1,34 +1,42 @@
-"""The request handlers: the image-data GET path, and the pass-through for everything else."""
+"""The request handlers: the image-data GET path (authorize, choose the source, send), and
+the pass-through for everything else."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import random
 import re
 import time
 import uuid
-from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from aiohttp import web
+from multidict import CIMultiDict
 
-from imgcache.authorize import Authorizer, Denied, ImageInfo
-from imgcache.errors import BadRequest, FillError, ImgcacheError, NoSpace
-from imgcache.fill import Fill, FillFailed, FillRegistry
-from imgcache.keys import data_path, parse_image_id
+from imgcache.authorize import Authorizer, Denied, ImageInfo, question_headers
+from imgcache.credentials import AllowedCallers
+from imgcache.digest import Expected, hash_fd
+from imgcache.errors import BadRequest, FillError, ImgcacheError, UpstreamError
+from imgcache.fill import FillFailed, FillRegistry
+from imgcache.keys import parse_image_id
 from imgcache.metrics import Metrics
+from imgcache.passthrough import pass_through
 from imgcache.prefetch import Prefetcher
-from imgcache.ranges import ByteRange, parse_range
-from imgcache.responses import ZeroCopySender
-from imgcache.store import Entry, Store
-from imgcache.upstream import Upstream, end_to_end_headers
+from imgcache.ranges import ByteRange, requested_range
+from imgcache.responses import ZeroCopySender, reset_connection
+from imgcache.sources import CachedFile, GrowingFile, open_source
+from imgcache.store import Store
+from imgcache.transfer import GlanceRefused
+from imgcache.upstream import Upstream
+from imgcache.verified_stream import VerifiedStream
 from imgcache.verify import Verifier
 
 log = logging.getLogger("imgcache.access")
 
 _DATA_PATH = re.compile(r"^/v2/images/([^/]+)/file$")
-_PASS_CHUNK = 256 * 1024
 REQUEST_ID_HEADER = "X-OpenStack-Request-ID"
 #: Image statuses whose cached data must not be served any more.
 GONE_STATUSES = frozenset({"deactivated", "deleted", "pending_delete", "killed"})
@@ -46,6 +54,7 @@ class Services:
     metrics: Metrics
     prefetcher: Prefetcher
     verifier: Verifier
+    pipeline: ThreadPoolExecutor
 
 
 SERVICES = web.AppKey("services", Services)
@@ -55,21 +64,22 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     """Route image-data GETs to the cache, everything else to Glance untouched."""
     services = request.app[SERVICES]
     match = _DATA_PATH.match(request.path)
+    if request.method == "GET" and match:
+        return await ImageDataRequest(services, request, match.group(1)).serve()
     try:
-        if not request.raw_path.startswith("/"):
-            raise BadRequest("the request target must be a path such as /v2/images "
-                             "(absolute-form and asterisk-form targets are not proxied)")
-        _refuse_undecodable(request)
-        if request.method == "GET" and match:
-            return await ImageDataRequest(services, request, match.group(1)).serve()
-        return await pass_through(services, request)
+        _refuse_bad_targets(request)
+        return await pass_through(services.upstream, services.metrics, request)
     except ImgcacheError as exc:
         return error_response(exc)
 
 
-def _refuse_undecodable(request: web.Request) -> None:
-    """A header or target byte that is not UTF-8 could not be forwarded as it was sent
-    (Glance would judge other credentials than the client's): refuse the request."""
+def _refuse_bad_targets(request: web.Request) -> None:
+    """Refuse what cannot be forwarded as it was sent: a target that is not a path, and
+    header or target bytes that are not UTF-8 (Glance would judge other credentials than
+    the client's)."""
+    if not request.raw_path.startswith("/"):
+        raise BadRequest("the request target must be a path such as /v2/images "
+                         "(absolute-form and asterisk-form targets are not proxied)")
     try:
         request.raw_path.encode()
         for name, value in request.raw_headers:
@@ -85,52 +95,11 @@ def error_response(exc: ImgcacheError) -> web.Response:
     return web.Response(status=exc.status, body=exc.body(), content_type="application/json")
 
 
-async def pass_through(services: Services, request: web.Request,
-                       cache_status: str | None = None,
-                       on_sent: Callable[[int], None] | None = None) -> web.StreamResponse:
-    """Forward the request to Glance and stream the answer back, bodies never buffered
-    whole. ``cache_status`` adds an X-Cache-Status header (BYPASS downloads, which are
-    image data and so go through ``[upstream] proxy`` when one is set); ``on_sent`` counts
-    the body bytes sent."""
-    services.metrics.passthrough_requests.inc()
-    body = request.content if request.body_exists else None
-    upstream = await services.upstream.request(
-        request.method, request.raw_path, request.headers, data=body,
-        image_data=cache_status is not None)
-    try:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        response.headers.extend(end_to_end_headers(upstream.headers))
-        if cache_status:
-            response.headers["X-Cache-Status"] = cache_status
-        if upstream.content_length is not None:
-            response.content_length = upstream.content_length
-        await response.prepare(request)
-        try:
-            async for chunk in upstream.content.iter_chunked(_PASS_CHUNK):
-                if cache_status:
-                    services.metrics.upstream_bytes.inc(len(chunk))
-                await response.write(chunk)
-                if on_sent is not None:
-                    on_sent(len(chunk))
-        except ConnectionResetError:  # the client went away: routine, nothing to report
-            log.debug("%s %s: the client went away mid-body", request.method, request.path)
-            _abort(request)
-            return response
-        except Exception as exc:
-            # The status line is gone: all that is left is not to end the body cleanly.
-            log.warning("%s %s: %s; aborting the client connection", request.method,
-                        request.path, services.upstream.broken(exc, "a pass-through"))
-            _abort(request)
-            return response
-        await response.write_eof()
-        return response
-    finally:
-        upstream.release()
-
-
-def _abort(request: web.Request) -> None:
-    if request.transport is not None:
-        request.transport.abort()
+def glance_answer(status: int, headers: CIMultiDict[str], body: bytes) -> web.Response:
+    """Glance's own (refusing) answer, sent on as it was."""
+    headers = CIMultiDict(headers)
+    headers.popall("Content-Length", None)
+    return web.Response(status=status, headers=headers, body=body)
 
 
 def _new_request_id() -> str:
@@ -140,9 +109,10 @@ def _new_request_id() -> str:
 
 
 class ImageDataRequest:
-    """One ``GET /v2/images/{id}/file``: authorize with Glance, then serve from the cache
-    (HIT), from a fill in flight (MISS when this request started it, COALESCED when it
-    joined), or straight from Glance (BYPASS)."""
+    """One ``GET /v2/images/{id}/file``: authorize with Glance, choose where the bytes come
+    from (the cache: HIT; a fill: MISS when this request started it, COALESCED when it joined
+    it; Glance: BYPASS), and send them. Every response that fails after its headers ends
+    with a reset."""
 
     def __init__(self, services: Services, request: web.Request, raw_id: str) -> None:
         self.services = services
@@ -157,7 +127,12 @@ class ImageDataRequest:
         """Answer the request and log one line about it."""
         started = time.monotonic()
         try:
-            response = await self._serve()
+            try:
+                _refuse_bad_targets(self.request)
+                response = await self._serve()
+            except ImgcacheError as exc:
+                self.result = "error"
+                response = error_response(exc)
             self.status = self.status or response.status
             return response
         finally:
@@ -170,94 +145,175 @@ class ImageDataRequest:
             log.info("image request %s image=%s result=%s status=%s bytes=%d "
                      "duration=%.3fs", *fields.values(), extra=fields)
 
-    async def _finish_from_glance(self, response: web.StreamResponse, info: ImageInfo,
-                                  position: int, end: int) -> web.StreamResponse:
-        """The cache disk failed under a fill: send the rest of this response from Glance,
-        streamed through, so that the client still gets its image."""
-        assert info.expected is not None
-        log.warning("request %s: cache disk failed during the fill of %s; sending bytes "
-                    "%d-%d from Glance", self.request_id, info.image_id, position, end)
-
-        async def forward(chunk: bytes) -> None:
-            await response.write(chunk)
-            self._count_sent(len(chunk))
-
+    async def _serve(self) -> web.StreamResponse:
+        services = self.services
+        image_id = parse_image_id(self.raw_id)
         try:
-            await self.services.fills.new_download().run(
-                data_path(info.image_id), self.request.headers, info.expected.size, forward,
-                start=position, end=end)
-        except (ImgcacheError, FillError) as exc:
-            log.warning("request %s: Glance failed too (%s); aborting", self.request_id, exc)
-            self.result = "error"
-            _abort(self.request)
-            return response
+            info = await services.authorizer.authorize(image_id, self.request.headers)
+        except Denied as denied:
+            self.result = "denied"
+            return glance_answer(denied.status, denied.headers, denied.body)
+        if info.status != "active" or info.expected is None:
+            self._drop_if_gone(info)
+            # Glance answers these itself (204 without data, 403 deactivated...).
+            self.result = "bypass"
+            return await pass_through(services.upstream, services.metrics, self.request,
+                                      "BYPASS", self._count_sent)
+        byte_range = requested_range(self.request.headers, info.expected.size)
+        source = await open_source(services.store, services.fills, image_id, info.expected,
+                                   self.request.headers)
+        if isinstance(source, CachedFile):
+            self.result = "hit"
+            try:
+                return await self._send_cached(info, byte_range, source)
+            finally:
+                services.store.close_entry(source.handle)
+        if isinstance(source, GrowingFile):
+            self.result = "miss" if source.started else "coalesced"
+            try:
+                return await self._send_growing(info, byte_range, source)
+            finally:
+                os.close(source.fd)
+        log.info("image %s not cached (%s); streaming it from Glance", image_id,
+                 source.reason)
+        self.result = "bypass"
+        return await self._send_from_glance(info, byte_range)
+
+    # -- the three sources ----------------------------------------------------------------
+
+    async def _send_cached(self, info: ImageInfo, byte_range: ByteRange | None,
+                           source: CachedFile) -> web.StreamResponse:
+        assert info.expected is not None
+        start, end = _span(byte_range, info.expected.size)
+        response = await self._prepare(info, byte_range)
+        try:
+            linked = await self.services.sender.send_file(
+                self.request, source.handle.fd, start, end, info.expected.size,
+                self._count_sent)
         except ConnectionResetError:
-            self.status = 499
-            return response
+            return self._client_gone(response)
+        except OSError as exc:
+            self.services.store.drop_unusable(source.entry, str(exc))
+            return self._reset(response, f"its cached file cannot be read as committed ({exc})")
+        except BaseException:
+            reset_connection(self.request)
+            raise
+        if not linked:
+            self.services.store.drop_unusable(source.entry, "its file was deleted")
         await response.write_eof()
         return response
 
-    def _count_sent(self, count: int) -> None:
-        self.sent += count
-
-    async def _serve(self) -> web.StreamResponse:
-        image_id = parse_image_id(self.raw_id)
-        try:
-            info = await self.services.authorizer.authorize(image_id, self.request.headers)
-        except Denied as denied:
-            self.result = "denied"
-            denied.headers.popall("Content-Length", None)
-            return web.Response(status=denied.status, headers=denied.headers,
-                                body=denied.body)
-        if info.status != "active" or info.expected is None:
-            if info.status in GONE_STATUSES and self.services.store.remove(image_id):
-                log.info("dropped cached image %s: Glance says it is %s", image_id,
-                         info.status)
-            # Glance answers these itself (204 without data, 403 deactivated...).
-            self.result = "bypass"
-            return await pass_through(self.services, self.request, "BYPASS", self._count_sent)
-        if len(self.request.headers.getall("Range", [])) > 1:
-            raise BadRequest("only one byte range per request is supported")
-        byte_range = parse_range(self.request.headers.get("Range"), info.expected.size)
-        for _ in range(3):  # an entry or fill can vanish between two looks
-            entry = self.services.store.lookup(image_id, info.expected.key)
-            if entry is not None:
-                opened = await self.services.store.open_entry(entry)
-                if opened is not None:
-                    self.result = "hit"
-                    try:
-                        return await self._send(info, byte_range, opened.fd, entry)
-                    finally:
-                        self.services.store.close_entry(opened)
-                continue
-            try:
-                joined = self.services.fills.join_or_start(
-                    image_id, info.expected, data_path(image_id), self.request.headers)
-            except NoSpace as exc:
-                log.info("image %s not cached (%s); streaming it through", image_id, exc)
-                self.result = "bypass"
-                return await pass_through(self.services, self.request, "BYPASS",
-                                          self._count_sent)
-            if isinstance(joined, Entry):
-                continue
-            fill, started = joined
-            fd = await fill.open_reader()
-            if fd is not None:
-                self.result = "miss" if started else "coalesced"
-                try:
-                    return await self._send(info, byte_range, fd, fill)
-                finally:
-                    os.close(fd)
-        self.result = "bypass"
-        return await pass_through(self.services, self.request, "BYPASS", self._count_sent)
-
-    async def _send(self, info: ImageInfo, byte_range: ByteRange | None, fd: int,
-                    source: Entry | Fill) -> web.StreamResponse:
-        """Send the image (or its range) from ``fd``: a committed entry's file, or the
-        file a fill is writing."""
+    async def _send_growing(self, info: ImageInfo, byte_range: ByteRange | None,
+                            source: GrowingFile) -> web.StreamResponse:
         assert info.expected is not None
-        size = info.expected.size
-        start, end = (byte_range.start, byte_range.end) if byte_range else (0, size)
+        try:
+            await source.fill.wait_streaming()
+        except FillFailed as failed:
+            if failed.outcome == "disk_error":
+                return await self._send_from_glance(info, byte_range)
+            return self._answer_failed_fill(failed)
+        start, end = _span(byte_range, info.expected.size)
+        response = await self._prepare(info, byte_range)
+        try:
+            await self.services.sender.send_growing(self.request, source.fd, start, end,
+                                                    source.fill, self._count_sent)
+        except FillFailed as failed:
+            if failed.outcome == "disk_error" and byte_range is None:
+                return await self._finish_from_glance(response, info, source.fd)
+            return self._reset(response, f"the fill failed ({failed})")
+        except ConnectionResetError:
+            return self._client_gone(response)
+        except BaseException:
+            reset_connection(self.request)
+            raise
+        await response.write_eof()
+        return response
+
+    async def _send_from_glance(self, info: ImageInfo,
+                                byte_range: ByteRange | None) -> web.StreamResponse:
+        """Not from the cache. A whole image is streamed from Glance and verified on its way
+        (hashed, its tail held back); a range is Glance's own answer, passed through (a range
+        cannot be checked against the image's hash without reading the whole image)."""
+        if byte_range is not None:
+            return await pass_through(self.services.upstream, self.services.metrics,
+                                      self.request, "BYPASS", self._count_sent)
+        assert info.expected is not None
+        response = self._image_response(info, None)
+
+        async def send(piece: memoryview) -> None:
+            if not response.prepared:
+                await response.prepare(self.request)
+            await response.write(piece)
+            self._count_sent(len(piece))
+
+        try:
+            await self._verified_stream(info.image_id, info.expected).run(
+                send, send_from=0, send_to=info.expected.size)
+        except (FillError, UpstreamError) as exc:
+            if not response.prepared:
+                return self._answer_before_any_byte(exc)
+            return self._reset(response, f"streaming it from Glance failed ({exc})")
+        except ConnectionResetError:
+            return self._client_gone(response)
+        except BaseException:
+            if response.prepared:
+                reset_connection(self.request)
+            raise
+        if not response.prepared:
+            await response.prepare(self.request)
+        await response.write_eof()
+        return response
+
+    async def _finish_from_glance(self, response: web.StreamResponse, info: ImageInfo,
+                                  fd: int) -> web.StreamResponse:
+        """The cache disk failed under the fill this whole-image response was reading: send
+        the rest from Glance, verifying the whole response (the bytes already sent, hashed
+        again from the fill's file, and the rest as it comes), its tail held back."""
+        assert info.expected is not None
+        position = self.sent
+        log.warning("request %s: cache disk failed during the fill of %s; sending the rest "
+                    "(from byte %d) from Glance", self.request_id, info.image_id, position)
+        hasher = info.expected.new_hasher()
+        try:
+            reread = await asyncio.get_running_loop().run_in_executor(
+                self.services.pipeline, hash_fd, fd, hasher, position)
+        except OSError as exc:
+            return self._reset(response, f"the bytes already sent cannot be read again to "
+                                         f"verify them ({exc})")
+        if reread != position:
+            return self._reset(response, "the bytes already sent cannot be read again to "
+                                         "verify them")
+
+        async def send(piece: memoryview) -> None:
+            await response.write(piece)
+            self._count_sent(len(piece))
+
+        try:
+            await self._verified_stream(info.image_id, info.expected).run(
+                send, send_from=position, send_to=info.expected.size, image_from=position,
+                hasher=hasher)
+        except (FillError, UpstreamError) as exc:
+            return self._reset(response, f"Glance failed too ({exc})")
+        except ConnectionResetError:
+            return self._client_gone(response)
+        except BaseException:
+            reset_connection(self.request)
+            raise
+        await response.write_eof()
+        return response
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _verified_stream(self, image_id: str, expected: Expected) -> VerifiedStream:
+        callers = AllowedCallers(question_headers(self.request.headers))
+        return VerifiedStream(self.services.fills.new_download(), self.services.pipeline,
+                              self.services.metrics, image_id, expected, callers)
+
+    def _image_response(self, info: ImageInfo,
+                        byte_range: ByteRange | None) -> web.StreamResponse:
+        """Glance's headers for this image's data, plus X-Cache-Status."""
+        assert info.expected is not None
+        start, end = _span(byte_range, info.expected.size)
         response = web.StreamResponse(status=206 if byte_range else 200)
         response.headers["Content-Type"] = "application/octet-stream"
         if info.checksum:
@@ -267,35 +323,59 @@ class ImageDataRequest:
         response.headers["X-Cache-Status"] = self.result.upper()
         response.headers["x-openstack-request-id"] = self.request_id
         response.content_length = end - start
-        sender = self.services.sender
-        try:
-            await response.prepare(self.request)
-            if isinstance(source, Entry):
-                if not await sender.send_file(self.request, fd, start, end, size,
-                                              self._count_sent):
-                    self.services.store.drop_unusable(source, "its file was deleted")
-            else:
-                await sender.send_growing(self.request, fd, start, end, source,
-                                          self._count_sent)
-        except FillFailed as exc:
-            if exc.outcome == "disk_error":
-                return await self._finish_from_glance(response, info, start + self.sent, end)
-            log.warning("request %s: fill of image %s failed (%s); aborting the client "
-                        "connection so it cannot take a partial image for a whole one",
-                        self.request_id, info.image_id, exc)
-            self.result = "error"
-            _abort(self.request)
-            return response
-        except ConnectionResetError:
-            self.status = 499
-            _abort(self.request)
-            return response
-        except OSError as exc:
-            if not isinstance(source, Entry):
-                raise
-            self.services.store.drop_unusable(source, str(exc))
-            self.result = "error"
-            _abort(self.request)
-            return response
-        await response.write_eof()
         return response
+
+    async def _prepare(self, info: ImageInfo,
+                       byte_range: ByteRange | None) -> web.StreamResponse:
+        response = self._image_response(info, byte_range)
+        await response.prepare(self.request)
+        return response
+
+    def _answer_failed_fill(self, failed: FillFailed) -> web.Response:
+        """The fill failed before this request answered: say so with a status, not a 200."""
+        self.result = "error"
+        log.warning("request %s: the fill failed before any byte (%s)", self.request_id,
+                    failed)
+        if failed.refusal is not None:
+            refusal = failed.refusal
+            return glance_answer(refusal.status, refusal.headers, refusal.body)
+        return error_response(ImgcacheError(str(failed), status=failed.status))
+
+    def _answer_before_any_byte(self, exc: FillError | UpstreamError) -> web.Response:
+        self.result = "error"
+        log.warning("request %s: streaming from Glance failed before any byte (%s)",
+                    self.request_id, exc)
+        if isinstance(exc, GlanceRefused):
+            return glance_answer(exc.status, exc.headers, exc.body)
+        if isinstance(exc, UpstreamError):
+            return error_response(exc)
+        return error_response(UpstreamError(str(exc)))
+
+    def _reset(self, response: web.StreamResponse, reason: str) -> web.StreamResponse:
+        log.warning("request %s: image %s: %s; resetting the client connection so that it "
+                    "cannot take a partial image for a whole one", self.request_id,
+                    self.raw_id[:64], reason)
+        self.result = "error"
+        reset_connection(self.request)
+        return response
+
+    def _client_gone(self, response: web.StreamResponse) -> web.StreamResponse:
+        self.status = 499
+        reset_connection(self.request)
+        return response
+
+    def _drop_if_gone(self, info: ImageInfo) -> None:
+        if info.status not in GONE_STATUSES:
+            return
+        self.services.authorizer.forget(info.image_id)
+        if self.services.store.remove(info.image_id):
+            log.info("dropped cached image %s: Glance says it is %s", info.image_id,
+                     info.status)
+
+    def _count_sent(self, count: int) -> None:
+        self.sent += count
+
+
+def _span(byte_range: ByteRange | None, size: int) -> tuple[int, int]:
+    return (byte_range.start, byte_range.end) if byte_range else (0, size)
+

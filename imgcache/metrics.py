@@ -9,8 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created
 RESULTS = ("hit", "miss", "coalesced", "bypass", "denied", "error")
 #: Labels of imgcache_fills_total.
 FILL_OUTCOMES = (
-    "committed", "checksum_mismatch", "size_mismatch", "upstream_error", "disk_error",
-    "cancelled",
+    "committed", "checksum_mismatch", "size_mismatch", "upstream_error", "refused",
+    "disk_error", "commit_error", "cancelled", "internal_error",
 )
 #: Labels of imgcache_verifications_total: which check a committed fill passed.
 VERIFY_METHODS = ("os_hash", "checksum", "size_only")
@@ -46,6 +46,10 @@ class Metrics:
             "imgcache_cache_max_bytes", "The configured hard cap.", registry=r)
         self.cache_pinned_bytes = Gauge(
             "imgcache_cache_pinned_bytes", "Bytes of pinned entries (never evicted).",
+            registry=r)
+        self.cache_over_cap_bytes = Gauge(
+            "imgcache_cache_over_cap_bytes", "Bytes above the cap that cannot be evicted "
+            "(pinned, or reserved by fills) after the cap was lowered below them.",
             registry=r)
         self.cache_entries = Gauge(
             "imgcache_cache_entries", "Committed cache entries.", registry=r)

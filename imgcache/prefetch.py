@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 
 from imgcache.authorize import Authorizer, Denied
 from imgcache.errors import ImgcacheError, NoSpace
-from imgcache.fill import Fill, FillRegistry
-from imgcache.keys import data_path
+from imgcache.fill import Bypass, Cached, Fill, FillRegistry
 from imgcache.metrics import Metrics
 from imgcache.store import Store
 
@@ -111,15 +110,16 @@ class Prefetcher:
         if job.pin and not (entry and entry.pinned):
             self._store.check_pin_fits(job.size)
         for _ in range(3):
-            joined = self._fills.join_or_start(
-                job.image_id, info.expected, data_path(job.image_id), headers)
-            if not isinstance(joined, tuple):
+            joined = self._fills.join_or_start(job.image_id, info.expected, headers)
+            if isinstance(joined, Bypass):
+                raise NoSpace(joined.reason)
+            if isinstance(joined, Cached):
                 break
-            job.fill = joined[0]
+            job.fill = joined.fill
             await job.fill.wait_ended()
             if job.fill.failure is not None:
                 raise ImgcacheError(f"the download failed: {job.fill.failure}")
-        if self._store.lookup(job.image_id, info.expected.key) is None:
+        if self._store.current_entry(job.image_id, info.expected.key) is None:
             raise ImgcacheError("the image was downloaded but could not be kept")
         if job.pin:
             self._store.set_pinned(job.image_id, True)

@@ -4,6 +4,7 @@ suffix ranges accepted, an end past the image clamped to its last byte."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from imgcache.errors import BadRequest, RangeNotSatisfiable
@@ -54,3 +55,16 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
     if start >= size:
         raise RangeNotSatisfiable(f"range starts at {start}, the image has {size} bytes")
     return ByteRange(start, end, size)
+
+
+def requested_range(headers: Mapping[str, str], size: int) -> ByteRange | None:
+    """The range a request asks for in an image of ``size`` bytes, None for the whole image.
+    Several Range headers are refused like several ranges (400). With ``If-Range`` the whole
+    image is sent (RFC 9110 section 13.1.5): Glance publishes no ETag or Last-Modified for
+    image data, so no validator a client holds can match."""
+    values = [value for name, value in headers.items() if name.lower() == "range"]
+    if len(values) > 1:
+        raise BadRequest("only one byte range per request is supported")
+    if not values or any(k.lower() == "if-range" for k in headers):
+        return None
+    return parse_range(values[0], size)

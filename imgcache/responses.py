@@ -1,27 +1,39 @@
-"""Sending image bytes from files to clients with sendfile(2), under uvloop too.
+"""Sending image bytes from files to clients with sendfile(2), under uvloop too, and ending
+failed responses with a reset.
 
 uvloop has no ``loop.sendfile`` (uvloop issue 228), so aiohttp's FileResponse silently
 copies through user space there. This module sends straight from the page cache: the
 sendfile calls run on worker threads (they may wait on the disk), and between them the
 loop waits for the socket to become writable, watching a dup of its fd because uvloop
 refuses watchers on an fd that a transport owns.
+
+Two sources, each with its own loop over one primitive (``_sendfile_until_blocked``): a
+committed cache file (``send_file``) and a file a fill is still writing (``send_growing``).
+Every call on a worker thread sends at most MAX_BYTES_PER_CALL, so that a few multi-GB
+sends never hold every thread while a small hit waits for one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import select
-from collections.abc import Callable
+import socket
+import struct
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from aiohttp import web
 
 from imgcache.fill import Fill, FillFailed
 
-#: Upper bound of one sendfile(2) call; the socket buffer usually bounds it first.
-_MAX_SENDFILE = 1 << 30
+#: Most bytes one call on a sending thread sends before it hands the thread back: about
+#: 3 ms at page-cache speed, so a thread is free again within milliseconds however big the
+#: image (without a bound, a fast client's 256 MiB hit held its thread for the whole send).
+MAX_BYTES_PER_CALL = 4 << 20
 #: A client whose socket takes no byte for this long is dropped (it stopped reading).
 CLIENT_STALL_SECONDS = 300.0
 #: How long a thread sending a cached file waits for a full socket to drain before leaving
@@ -30,9 +42,25 @@ CLIENT_STALL_SECONDS = 300.0
 #: in one bench run).
 WRITABLE_WAIT_SECONDS = 0.01
 
+T = TypeVar("T")
+
+
+def reset_connection(request: web.Request) -> None:
+    """End the client's connection with a TCP reset (SO_LINGER 0, then close), never a
+    clean FIN: a client that does not count bytes against Content-Length must not take a
+    short or unverified body for a whole one. Bytes not yet sent are discarded."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
 
 class ZeroCopySender:
-    """Sends file ranges to aiohttp connections with sendfile(2)."""
+    """Sends file ranges to aiohttp connections with sendfile(2) on its own threads."""
 
     def __init__(self, threads: ThreadPoolExecutor) -> None:
         self._threads = threads
@@ -43,54 +71,78 @@ class ZeroCopySender:
         ``on_sent`` with the count of each piece that left. Raises OSError, before sending
         a byte, if the file no longer has ``size`` bytes. Returns False if the file was
         deleted from the cache directory meanwhile (its bytes were still sent whole)."""
-        return await self._send(request, fd, start, end, None, on_sent, size)
+        loop = asyncio.get_running_loop()
+        async with _ClientSocket(request) as out_fd:
+            sent, blocked, linked = await self.run_on_thread(
+                _check_then_send, out_fd, fd, start, end, size)
+            position = start + sent
+            on_sent(sent)
+            while position < end:
+                if blocked:
+                    await _writable(loop, out_fd)
+                sent, blocked = await self.run_on_thread(
+                    _sendfile_until_blocked, out_fd, fd, position, end, True)
+                position += sent
+                on_sent(sent)
+        return linked
 
     async def send_growing(self, request: web.Request, fd: int, start: int, end: int,
                            fill: Fill, on_sent: Callable[[int], None]) -> None:
         """Send bytes ``start``..``end`` of a file that ``fill`` is still writing, each as
         soon as it is on disk, the last ones only once the fill is verified. Raises
         FillFailed (after sending what was allowed) if the fill fails."""
-        await self._send(request, fd, start, end, fill, on_sent, None)
-
-    async def _send(self, request: web.Request, fd: int, start: int, end: int,
-                    fill: Fill | None, on_sent: Callable[[int], None],
-                    size: int | None) -> bool:
         loop = asyncio.get_running_loop()
-        transport = request.transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if transport is None or sock is None or transport.is_closing():
-            raise ConnectionResetError("client went away")
-        out_fd = os.dup(sock.fileno())
-        linked = True
-        try:
-            # Bytes aiohttp or uvloop still hold (the headers) must leave before ours.
-            while transport.get_write_buffer_size():
-                await _writable(loop, out_fd)
+        async with _ClientSocket(request) as out_fd:
             position = start
             while position < end:
-                limit = end if fill is None else fill.readable_until(end)
-                if limit <= position:
-                    assert fill is not None
+                if fill.readable_until(end) <= position:
                     await fill.wait_for_progress()
                     continue
-                if fill is not None:
-                    sent, blocked = await loop.run_in_executor(
-                        self._threads, _send_while_growing, out_fd, fd, position, end, fill)
-                elif size is not None:  # the first piece of a cached file: check it first
-                    sent, blocked, linked = await loop.run_in_executor(
-                        self._threads, _check_then_send, out_fd, fd, position, limit, size)
-                    size = None
-                else:
-                    sent, blocked = await loop.run_in_executor(
-                        self._threads, _sendfile_until_blocked, out_fd, fd, position, limit,
-                        True)
+                sent, blocked = await self.run_on_thread(
+                    _send_while_growing, out_fd, fd, position, end, fill)
                 position += sent
                 on_sent(sent)
                 if blocked:
                     await _writable(loop, out_fd)
-        finally:
-            os.close(out_fd)
-        return linked
+
+    async def run_on_thread(self, func: Callable[..., T], *args: object) -> T:
+        """Run one sending step on a thread. If the request is cancelled meanwhile (a
+        shutdown), wait for the thread to finish first: it uses fds the caller closes next."""
+        future: Awaitable[T] = asyncio.get_running_loop().run_in_executor(
+            self._threads, func, *args)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            with contextlib.suppress(BaseException):
+                await future
+            raise
+
+
+class _ClientSocket:
+    """A dup of the client connection's socket fd, for sendfile and writability watches;
+    entered once the bytes aiohttp or uvloop still hold (the headers) have left."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._transport = request.transport
+        self._fd = -1
+
+    async def __aenter__(self) -> int:
+        transport = self._transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if transport is None or sock is None or transport.is_closing():
+            raise ConnectionResetError("client went away")
+        self._fd = os.dup(sock.fileno())
+        try:
+            loop = asyncio.get_running_loop()
+            while transport.get_write_buffer_size():
+                await _writable(loop, self._fd)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        return self._fd
+
+    async def __aexit__(self, *exc: object) -> None:
+        os.close(self._fd)
 
 
 def _check_then_send(out_fd: int, in_fd: int, start: int, end: int,
@@ -107,13 +159,15 @@ def _check_then_send(out_fd: int, in_fd: int, start: int, end: int,
 def _send_while_growing(out_fd: int, in_fd: int, start: int, end: int,
                         fill: Fill) -> tuple[int, bool]:
     """Runs on a worker thread: send what ``fill`` allows and go on with what it writes
-    meanwhile, until done, caught up, or the socket is full. Returns bytes sent and whether
-    the socket would block; a failed fill is raised only once no byte was sent (the caller
-    looks again, so that the bytes that left are always counted)."""
+    meanwhile, until done, caught up, the socket is full or MAX_BYTES_PER_CALL went out.
+    Returns bytes sent and whether the socket would block; a failed fill is raised only
+    once no byte was sent (the caller looks again, so that the bytes that left are always
+    counted)."""
     position = start
-    while position < end:
+    budget_end = min(end, start + MAX_BYTES_PER_CALL)
+    while position < budget_end:
         try:
-            limit = fill.readable_until(end)
+            limit = min(fill.readable_until(end), budget_end)
         except FillFailed:
             if position > start:
                 break
@@ -129,13 +183,14 @@ def _send_while_growing(out_fd: int, in_fd: int, start: int, end: int,
 
 def _sendfile_until_blocked(out_fd: int, in_fd: int, start: int, end: int,
                             wait_writable: bool) -> tuple[int, bool]:
-    """Runs on a worker thread: sendfile until done or the socket is full (with
-    ``wait_writable``: stays full for WRITABLE_WAIT_SECONDS). Returns bytes sent and
-    whether the socket would block."""
+    """Runs on a worker thread: sendfile until done, MAX_BYTES_PER_CALL sent, or the socket
+    is full (with ``wait_writable``: stays full for WRITABLE_WAIT_SECONDS). Returns bytes
+    sent and whether the socket would block."""
     position = start
+    end = min(end, start + MAX_BYTES_PER_CALL)
     while position < end:
         try:
-            sent = os.sendfile(out_fd, in_fd, position, min(end - position, _MAX_SENDFILE))
+            sent = os.sendfile(out_fd, in_fd, position, end - position)
         except BlockingIOError:
             if wait_writable and _writable_soon(out_fd):
                 continue

@@ -64,7 +64,10 @@ class Fault:
     rate: int | None = None  # trickle: body bytes per second
     first_byte_delay: float = 0.0  # wait before sending headers
     times: int | None = None  # apply to this many data GETs only, then clear (None = always)
+    skip: int = 0  # leave this many data GETs alone before the fault applies
     ranges_supported: bool = True  # False: 400 to any Range header (like rbd/swift/s3 stores)
+    ignore_range: bool = False  # True: answer a Range with the whole image (200)
+    checks_too: bool = False  # also apply to one-byte download checks (left alone by default)
 
 
 def _now() -> str:
@@ -77,7 +80,9 @@ class StandinImage:
 
     `path` and `size` are None while an image has no data (created by POST, not uploaded yet).
     `meta_size`, when set, is reported in the metadata instead of the real size, to play an
-    image whose metadata disagrees with its body.
+    image whose metadata disagrees with its body. `reader_tokens` may see the image but not
+    download it (403), as Glance's default policy treats a project's reader role, or a
+    `download_image` rule restricted by an image property.
     """
 
     id: str
@@ -89,6 +94,7 @@ class StandinImage:
     status: str
     visibility: str
     owner_tokens: set[str]
+    reader_tokens: set[str] = field(default_factory=set)
     meta_size: int | None = None
     name: str = ""
     created_at: str = field(default_factory=_now)
@@ -133,6 +139,7 @@ class LoggedRequest:
     status: int
     body_bytes_sent: int
     body_bytes_received: int
+    header_items: list[tuple[str, str]] = field(default_factory=list)  # repeated ones too
 
 
 @dataclass
@@ -335,8 +342,12 @@ class GlanceStandin:
         self.tokens: set[str] = set(tokens)
         self.images: dict[str, StandinImage] = {}
         self.faults: dict[str, Fault] = {}
+        # When set: image metadata is sent in two writes this many seconds apart, as a
+        # reply split over TCP segments arrives on a real network.
+        self.metadata_split_pause: float | None = None
         self.requests: list[LoggedRequest] = []
         self._data_gets: Counter[str] = Counter()
+        self._download_checks: Counter[str] = Counter()
         self._runner: web.AppRunner | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -427,8 +438,14 @@ class GlanceStandin:
         return image
 
     def data_gets(self, image_id: str) -> int:
-        """Return how many `GET /v2/images/{image_id}/file` requests have arrived."""
+        """Return how many `GET /v2/images/{image_id}/file` requests have arrived, other than
+        one-byte download checks (see `download_checks`)."""
         return self._data_gets[image_id]
+
+    def download_checks(self, image_id: str) -> int:
+        """Return how many data GETs for the first byte only (``Range: bytes=0-0``, which
+        imgcache sends to ask the download policy) have arrived."""
+        return self._download_checks[image_id]
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -464,6 +481,7 @@ class GlanceStandin:
                     status=status,
                     body_bytes_sent=tally.sent,
                     body_bytes_received=tally.received,
+                    header_items=list(request.headers.items()),
                 )
             )
 
@@ -482,7 +500,9 @@ class GlanceStandin:
 
     def _visible(self, image: StandinImage, token: str) -> bool:
         return image.status != "deleted" and (
-            image.visibility in ("public", "community") or token in image.owner_tokens
+            image.visibility in ("public", "community")
+            or token in image.owner_tokens
+            or token in image.reader_tokens
         )
 
     def _image(self, request: web.Request) -> tuple[StandinImage, str]:
@@ -495,10 +515,14 @@ class GlanceStandin:
             raise _Reject(_error(404, f"No image found with ID {image_id}"))
         return image, token
 
-    def _take_fault(self, image_id: str) -> Fault:
-        """Return the fault for one data GET of `image_id`, counting down its `times`."""
+    def _take_fault(self, image_id: str, is_check: bool = False) -> Fault:
+        """Return the fault for one data GET of `image_id`, counting down its `skip`, then
+        its `times`; download checks are left alone unless the fault says `checks_too`."""
         fault = self.faults.get(image_id)
-        if fault is None:
+        if fault is None or (is_check and not fault.checks_too):
+            return Fault()
+        if fault.skip > 0:
+            fault.skip -= 1
             return Fault()
         if fault.times is not None:
             if fault.times <= 0:
@@ -523,9 +547,21 @@ class GlanceStandin:
             {"images": docs, "schema": "/v2/schemas/images", "first": "/v2/images"}
         )
 
-    async def _show_image(self, request: web.Request) -> web.Response:
+    async def _show_image(self, request: web.Request) -> web.StreamResponse:
         image, _ = self._image(request)
-        return web.json_response(image.doc())
+        if self.metadata_split_pause is None:
+            return web.json_response(image.doc())
+        body = json.dumps(image.doc()).encode()
+        response = web.StreamResponse()
+        response.content_type = "application/json"
+        response.content_length = len(body)
+        request[_TALLY].status = 200
+        await response.prepare(request)
+        await response.write(body[: len(body) // 2])
+        await asyncio.sleep(self.metadata_split_pause)
+        await response.write(body[len(body) // 2 :])
+        await response.write_eof()
+        return response
 
     async def _create_image(self, request: web.Request) -> web.Response:
         token = self._token(request)
@@ -596,20 +632,24 @@ class GlanceStandin:
         return web.json_response(schema)
 
     async def _download(self, request: web.Request) -> web.StreamResponse:
-        self._data_gets[request.match_info["image_id"]] += 1
-        image, _ = self._image(request)
+        is_check = request.headers.get("Range") == "bytes=0-0"
+        (self._download_checks if is_check else self._data_gets)[
+            request.match_info["image_id"]] += 1
+        image, token = self._image(request)
         if image.status == "deactivated":
             raise _Reject(_error(403, "The requested image has been deactivated."))
+        if token in image.reader_tokens and token not in image.owner_tokens:
+            raise _Reject(_error(403, "You are not authorized to download this image."))
         if image.status != "active" or image.path is None or image.size is None:
             return web.Response(status=204)
-        fault = self._take_fault(image.id)
+        fault = self._take_fault(image.id, is_check)
         if fault.first_byte_delay:
             await asyncio.sleep(fault.first_byte_delay)
         if fault.status is not None:
             raise _Reject(_error(fault.status, "Fault injected by the Glance stand-in."))
         first, last, status = 0, image.size - 1, 200
         range_header = request.headers.get("Range")
-        if range_header is not None:
+        if range_header is not None and not fault.ignore_range:
             if not fault.ranges_supported:
                 raise _Reject(_error(400, "Range requests are not supported by this store."))
             first, last = _parse_range(range_header, image.size)

@@ -25,7 +25,8 @@ from typing import Any
 
 import diskcache
 
-from imgcache.errors import NoSpace
+from imgcache.config import format_size
+from imgcache.errors import FillError, NoSpace
 from imgcache.keys import data_file_name, partial_file_name
 from imgcache.metrics import Metrics
 from imgcache.openfiles import OpenFile, OpenFiles
@@ -78,6 +79,7 @@ class Store:
         self._index: diskcache.Cache | None = None
         self._entries: OrderedDict[str, Entry] = OrderedDict()  # least recently used first
         self._entry_bytes = 0
+        self._pinned_bytes = 0
         self._reserved_bytes = 0
         self._partial_names = itertools.count(1)
         self._background: set[asyncio.Future[Any]] = set()
@@ -101,7 +103,13 @@ class Store:
     @property
     def pinned_bytes(self) -> int:
         """Bytes of pinned entries (never evicted)."""
-        return sum(entry.size for entry in self._entries.values() if entry.pinned)
+        return self._pinned_bytes
+
+    @property
+    def over_cap_bytes(self) -> int:
+        """Bytes above the cap that cannot be evicted (pinned, or reserved by fills in
+        progress), after the cap was lowered below them; 0 normally."""
+        return max(0, self.used_bytes - self.max_bytes)
 
     def path_of(self, entry: Entry) -> Path:
         """Where an entry's file lives."""
@@ -118,13 +126,12 @@ class Store:
         loop = asyncio.get_running_loop()
         records = await loop.run_in_executor(self._index_thread, self._open_sync)
         for entry in sorted(records, key=lambda e: e.last_access):
-            self._entries[entry.image_id] = entry
-            self._entry_bytes += entry.size
+            self._add_entry(entry)
         self._publish()
-        log.info("cache %s opened: %d entries, %d bytes of %d", self.cache_dir,
-                 len(self._entries), self._entry_bytes, self.max_bytes)
-        if self._entry_bytes > self.max_bytes:
-            self._evict_for(0)
+        log.info("cache %s opened: %d entries, %s of %s", self.cache_dir,
+                 len(self._entries), format_size(self._entry_bytes),
+                 format_size(self.max_bytes))
+        self._evict_to_cap()
 
     def _open_sync(self) -> list[Entry]:
         for directory in (self.data_dir, self.partial_dir):
@@ -165,17 +172,20 @@ class Store:
             await loop.run_in_executor(self._index_thread, self._index.close)
         self._index_thread.shutdown(wait=False)
 
-    def lookup(self, image_id: str, content_key: str) -> Entry | None:
-        """The committed entry of this image if it holds the content Glance now publishes.
-        An entry with other content (the image was re-hashed) is dropped."""
+    def current_entry(self, image_id: str, content_key: str) -> Entry | None:
+        """The committed entry of this image if it holds the content Glance now publishes."""
         entry = self._entries.get(image_id)
-        if entry is None:
-            return None
-        if entry.content_key != content_key:
-            log.info("dropping entry %s: Glance now publishes other content", image_id)
-            self.remove(image_id)
-            return None
-        return entry
+        return entry if entry is not None and entry.content_key == content_key else None
+
+    def drop_other_content(self, image_id: str, content_key: str) -> bool:
+        """Drop the entry of this image if it holds other content than ``content_key`` (the
+        image was re-uploaded or re-hashed); return whether one was dropped."""
+        entry = self._entries.get(image_id)
+        if entry is None or entry.content_key == content_key:
+            return False
+        log.info("dropping entry %s: Glance now publishes other content", image_id)
+        self.remove(image_id)
+        return True
 
     async def open_entry(self, entry: Entry) -> OpenFile | None:
         """The entry's file, open for reading, to hand back with ``close_entry``; None if the
@@ -215,13 +225,19 @@ class Store:
 
     def reserve(self, size: int) -> Reservation:
         """Set aside ``size`` bytes, evicting least recently used unpinned entries as needed.
-        Raises NoSpace when the image cannot fit under the cap."""
+        Raises NoSpace, evicting nothing, when the image cannot fit under the cap."""
         if size > self.max_bytes:
-            raise NoSpace(f"image of {size} bytes is larger than the cache cap {self.max_bytes}")
+            raise NoSpace(f"the image ({format_size(size)}) is larger than the cache cap "
+                          f"({format_size(self.max_bytes)})")
         if time.monotonic() < self._disk_error_until:
             raise NoSpace(f"the cache disk failed recently ({self._disk_error}); not caching "
                           "until it works again")
-        self._evict_for(size)
+        unevictable = self._pinned_bytes + self._reserved_bytes
+        if unevictable + size > self.max_bytes:
+            raise NoSpace(f"no room for {format_size(size)}: {format_size(self._pinned_bytes)} "
+                          f"pinned and {format_size(self._reserved_bytes)} reserved by fills in "
+                          f"progress, under a cap of {format_size(self.max_bytes)}")
+        self._evict_lru(self.used_bytes + size - self.max_bytes)
         self._reserved_bytes += size
         self._publish()
         return Reservation(size)
@@ -246,28 +262,47 @@ class Store:
                       file_name=data_file_name(image_id, time.time_ns()),
                       created_at=now, last_access=now, verified_at=now)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._files, self._adopt_sync, partial, entry.file_name)
-        await loop.run_in_executor(self._index_thread, self._write_records, [asdict(entry)])
+        step = "adopting the file"
+        try:
+            await loop.run_in_executor(self._files, self._adopt_sync, partial, entry.file_name)
+            step = "writing the index record"
+            await loop.run_in_executor(self._index_thread, self._write_records,
+                                       [asdict(entry)])
+        except Exception as exc:
+            if step != "adopting the file":  # the file is in data/ but has no record
+                self._background_call(self._files, self._unlink_data, entry.file_name)
+            self.release(reservation)
+            raise FillError(f"committing image {image_id} failed while {step}: {exc}",
+                            "commit_error") from exc
         self.release(reservation)
         if image_id in self._entries:  # an older copy, e.g. from before a re-hash
             self.remove(image_id)
-        self._entries[image_id] = entry
-        self._entry_bytes += entry.size
+        self._add_entry(entry)
         self._publish()
         return entry
 
     def _adopt_sync(self, partial: Path, file_name: str) -> None:
+        """Flush, rename into data/, flush the directory; a failure after the rename takes
+        the file out of data/ again, so that nothing is left there without a record."""
         fd = os.open(partial, os.O_RDONLY)
         try:
             os.fdatasync(fd)
         finally:
             os.close(fd)
-        os.rename(partial, self.data_dir / file_name)
-        dir_fd = os.open(self.data_dir, os.O_RDONLY)
+        target = self.data_dir / file_name
+        os.rename(partial, target)
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            dir_fd = os.open(self.data_dir, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
+
+    def _unlink_data(self, file_name: str) -> None:
+        (self.data_dir / file_name).unlink(missing_ok=True)
 
     def disk_failed(self, error: str) -> None:
         """A write to the cache failed: stream new images through uncached for a while."""
@@ -285,15 +320,28 @@ class Store:
     def remove(self, image_id: str) -> Entry | None:
         """Drop an entry now; its file and record are deleted in the background. Readers that
         already opened the file keep reading it to the end."""
-        entry = self._entries.pop(image_id, None)
-        if entry is None:
-            return None
-        self._touched.pop(image_id, None)
-        self._open_files.retire(entry.file_name)
-        self._entry_bytes -= entry.size
+        removed = self.remove_many([image_id])
+        return removed[0] if removed else None
+
+    def remove_many(self, image_ids: list[str]) -> list[Entry]:
+        """Drop many entries at once (a clear): one index transaction for all of them."""
+        removed = [e for e in (self._entries.pop(i, None) for i in image_ids) if e is not None]
+        for entry in removed:
+            self._touched.pop(entry.image_id, None)
+            self._open_files.retire(entry.file_name)
+            self._entry_bytes -= entry.size
+            if entry.pinned:
+                self._pinned_bytes -= entry.size
         self._publish()
-        self._background_call(self._index_thread, self._delete_sync, entry)
-        return entry
+        if removed:
+            self._background_call(self._index_thread, self._delete_sync, removed)
+        return removed
+
+    def _add_entry(self, entry: Entry) -> None:
+        self._entries[entry.image_id] = entry
+        self._entry_bytes += entry.size
+        if entry.pinned:
+            self._pinned_bytes += entry.size
 
     def entries(self) -> list[Entry]:
         """All committed entries, least recently used first."""
@@ -305,9 +353,10 @@ class Store:
 
     def check_pin_fits(self, size: int) -> None:
         """Raise NoSpace unless ``size`` more pinned bytes stay under the cap."""
-        if self.pinned_bytes + size > self.max_bytes:
-            raise NoSpace(f"pinning {size} more bytes would exceed the cap: "
-                          f"{self.pinned_bytes} of {self.max_bytes} bytes are pinned already")
+        if self._pinned_bytes + size > self.max_bytes:
+            raise NoSpace(f"pinning {format_size(size)} more would exceed the cap: "
+                          f"{format_size(self._pinned_bytes)} of "
+                          f"{format_size(self.max_bytes)} are pinned already")
 
     def set_pinned(self, image_id: str, pinned: bool) -> Entry:
         """Pin (never evict) or unpin a committed entry. Raises KeyError if not cached and
@@ -315,6 +364,8 @@ class Store:
         entry = self._entries[image_id]
         if pinned and not entry.pinned:
             self.check_pin_fits(entry.size)
+        if pinned != entry.pinned:
+            self._pinned_bytes += entry.size if pinned else -entry.size
         entry.pinned = pinned
         self._persist(entry)
         self._publish()
@@ -330,14 +381,23 @@ class Store:
         """Change the cap (a reload); shrinking it evicts least recently used entries."""
         self.max_bytes = max_bytes
         self._metrics.cache_max_bytes.set(max_bytes)
-        try:
-            self._evict_for(0)
-        except NoSpace as exc:
-            log.warning("the new cap of %d bytes is below what is pinned or being filled: "
-                        "%s", max_bytes, exc)
+        self._evict_to_cap()
 
-    def _evict_for(self, size: int) -> None:
-        excess = self.used_bytes + size - self.max_bytes
+    def _evict_to_cap(self) -> None:
+        """Evict what may go until the cache is under its cap; what is left above it
+        (pinned, or reserved by fills) is reported, never refused."""
+        self._evict_lru(self.used_bytes - self.max_bytes)
+        self._publish()
+        if self.over_cap_bytes:
+            log.warning("the cache holds %s over its cap of %s that cannot be evicted "
+                        "(%s pinned, %s reserved by fills in progress): unpin images "
+                        "(imgcache unpin) or raise [cache] max_size",
+                        format_size(self.over_cap_bytes), format_size(self.max_bytes),
+                        format_size(self._pinned_bytes), format_size(self._reserved_bytes))
+
+    def _evict_lru(self, excess: int) -> None:
+        """Evict least recently used unpinned entries until ``excess`` bytes are freed or
+        none is left."""
         if excess <= 0:
             return
         victims: list[str] = []
@@ -347,13 +407,10 @@ class Store:
             if not entry.pinned:
                 victims.append(entry.image_id)
                 excess -= entry.size
-        if excess > 0:
-            raise NoSpace(f"cannot free {excess} more bytes: the rest of the cache is pinned "
-                          "or reserved by fills in progress")
         for image_id in victims:
             log.info("evicting %s (least recently used) to make room", image_id)
-            self.remove(image_id)
-            self._metrics.evictions.inc()
+        self.remove_many(victims)
+        self._metrics.evictions.inc(len(victims))
 
     def _persist(self, entry: Entry) -> None:
         self._touched.pop(entry.image_id, None)
@@ -374,12 +431,15 @@ class Store:
             for record in records:
                 self._index.set(record["image_id"], record)
 
-    def _delete_sync(self, entry: Entry) -> None:
+    def _delete_sync(self, entries: list[Entry]) -> None:
         assert self._index is not None
-        current = self._index.get(entry.image_id)
-        if current is not None and current.get("file_name") == entry.file_name:
-            self._index.delete(entry.image_id)
-        (self.data_dir / entry.file_name).unlink(missing_ok=True)
+        with self._index.transact():
+            for entry in entries:
+                current = self._index.get(entry.image_id)
+                if current is not None and current.get("file_name") == entry.file_name:
+                    self._index.delete(entry.image_id)
+        for entry in entries:
+            (self.data_dir / entry.file_name).unlink(missing_ok=True)
 
     def _background_call(self, executor: ThreadPoolExecutor, func: Any, *args: Any) -> None:
         future = asyncio.get_running_loop().run_in_executor(executor, func, *args)
@@ -393,6 +453,7 @@ class Store:
 
     def _publish(self) -> None:
         self._metrics.cache_bytes.set(self.used_bytes)
-        self._metrics.cache_pinned_bytes.set(self.pinned_bytes)
+        self._metrics.cache_pinned_bytes.set(self._pinned_bytes)
         self._metrics.cache_entries.set(len(self._entries))
+        self._metrics.cache_over_cap_bytes.set(self.over_cap_bytes)
 

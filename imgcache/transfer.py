@@ -6,6 +6,11 @@ configured upstream URLs, and resumed with ``Range: bytes=N-`` from the first by
 received. Glance answers 400 to any Range on rbd, swift and s3 stores: then the image is
 downloaded again from byte 0 and the N bytes already received are skipped. Readers see a
 pause; the fill's hash still covers every byte once.
+
+A download runs on the credentials of callers Glance allowed (``credentials.AllowedCallers``):
+when Glance refuses the current ones (401, 403, 404: a token expired or was revoked before a
+resume), it goes on at once with the next caller's; when every one was refused, it fails with
+Glance's answer.
 """
 
 from __future__ import annotations
@@ -13,21 +18,50 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 
 import aiohttp
+from multidict import CIMultiDict
 
-from imgcache.errors import FillError, UpstreamError
+from imgcache.credentials import AllowedCallers
+from imgcache.errors import FillError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from imgcache.metrics import Metrics
-from imgcache.upstream import Upstream
+from imgcache.upstream import Upstream, end_to_end_headers
 
 log = logging.getLogger(__name__)
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+#: Statuses with which Glance refuses the credentials a data GET was sent with.
+REFUSALS = frozenset({401, 403, 404})
+#: Headers of the caller's own data request, never sent on a download made for it.
+_CALLER_DATA_HEADERS = ("Range", "If-Range", "Accept-Encoding")
+_MAX_REFUSAL_BYTES = 64 << 10
 
 
 class _RangeRefused(Exception):
     """Glance's store cannot serve ranges: download from 0 and skip what we have."""
+
+
+class _CallerRefused(Exception):
+    """Glance refused the credentials of the current caller."""
+
+    def __init__(self, status: int, headers: CIMultiDict[str], body: bytes) -> None:
+        super().__init__(status)
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+
+class GlanceRefused(FillError):
+    """Glance refused the credentials of every caller a download had; ``status``,
+    ``headers`` and ``body`` are its last answer."""
+
+    def __init__(self, refusal: _CallerRefused) -> None:
+        super().__init__(f"Glance refused every allowed caller's credentials "
+                         f"(last answer {refusal.status})", "refused")
+        self.status = refusal.status
+        self.headers = refusal.headers
+        self.body = refusal.body
 
 
 class ResumableDownload:
@@ -44,19 +78,27 @@ class ResumableDownload:
         self._end = 0
         self._size = 0
 
-    async def run(self, path_qs: str, headers: Mapping[str, str], size: int,
+    async def run(self, path_qs: str, callers: AllowedCallers, size: int,
                   feed: Callable[[bytes], Awaitable[None]], start: int = 0,
                   end: int | None = None) -> None:
-        """Download until every byte of the span was fed. Raises FillError (bad data, or a
+        """Download until every byte of the span was fed, with the credentials of
+        ``callers``. Raises GlanceRefused (every caller refused), FillError (bad data, or a
         status that retrying cannot change) or UpstreamError (retries exhausted)."""
         self.received, self._end, self._size = start, size if end is None else end, size
-        base = {k: v for k, v in headers.items() if k.lower() not in ("range", "if-range")}
         use_range = True
         failures = 0
         while True:
+            headers = callers.current()
+            assert headers is not None, "a refusal of the last caller ends the download"
             try:
-                await self._attempt(path_qs, base, feed, use_range, failures)
+                await self._attempt(path_qs, headers, feed, use_range, failures)
                 return
+            except _CallerRefused as refusal:
+                if not callers.refused(headers):
+                    raise GlanceRefused(refusal) from None
+                log.warning("Glance refused one caller's credentials for %s (%d) after %d of "
+                            "%d bytes; going on with another allowed caller's", path_qs,
+                            refusal.status, self.received, self._end)
             except _RangeRefused:
                 log.info("Glance refuses ranges for %s; downloading again from byte 0 and "
                          "skipping the %d bytes already received", path_qs, self.received)
@@ -71,17 +113,24 @@ class ResumableDownload:
                             self._retries, delay)
                 await asyncio.sleep(delay)
 
-    async def _attempt(self, path_qs: str, base: dict[str, str],
+    async def _attempt(self, path_qs: str, caller: CIMultiDict[str],
                        feed: Callable[[bytes], Awaitable[None]], use_range: bool,
                        rotation: int) -> None:
         offset = self.received
         partial = offset > 0 or self._end < self._size
-        headers = dict(base)
+        headers = CIMultiDict(caller)
+        for name in _CALLER_DATA_HEADERS:
+            headers.popall(name, None)
         if partial and use_range:
             headers["Range"] = f"bytes={offset}-{self._end - 1}"
         response = await self._upstream.request("GET", path_qs, headers, rotate=rotation,
                                                 image_data=True)
         try:
+            if response.status in REFUSALS:
+                body = await self._upstream.read_body(response, _MAX_REFUSAL_BYTES,
+                                                      "a refused data GET")
+                raise _CallerRefused(response.status, end_to_end_headers(response.headers),
+                                     body)
             skip = self._bytes_to_skip(response, offset, partial and use_range)
             if offset:
                 self._metrics.fill_resumes.labels("restart" if skip else "range").inc()
@@ -103,35 +152,40 @@ class ResumableDownload:
         if status == 200:
             return offset
         if status >= 500:
-            raise UpstreamError(f"Glance answered {status} to the data GET")
+            # Kept as Glance's: a client not answered yet gets a 503 it may retry (Nova's
+            # [glance] num_retries does), a 504, or else a 502.
+            error = {503: UpstreamUnavailable, 504: UpstreamTimeout}.get(status, UpstreamError)
+            raise error(f"Glance answered {status} to the data GET")
         raise FillError(f"Glance answered {status} to the data GET", "upstream_error")
 
     async def _stream(self, response: aiohttp.ClientResponse, skip: int,
                       feed: Callable[[bytes], Awaitable[None]]) -> None:
-        try:
-            while self.received < self._end:
-                chunk = await _next_piece(response.content)
-                if not chunk:
-                    raise UpstreamError(f"Glance ended the body at byte {self.received}, "
-                                        f"expected {self._end}")
-                self._metrics.upstream_bytes.inc(len(chunk))
-                if skip:
-                    dropped = min(skip, len(chunk))
-                    chunk, skip = chunk[dropped:], skip - dropped
-                if self.received + len(chunk) > self._end:
-                    if self._end == self._size:
-                        raise FillError("Glance sent more bytes than its metadata says",
-                                        "size_mismatch")
-                    chunk = chunk[: self._end - self.received]  # a 200 to a range: enough
+        """Feed the body's bytes. Only reading from Glance counts as Glance failing: what
+        ``feed`` raises (the disk, a client gone) goes to the caller as it is."""
+        while self.received < self._end:
+            chunk = await self._read(_next_piece(response.content))
+            if not chunk:
+                raise UpstreamError(f"Glance ended the body at byte {self.received}, "
+                                    f"expected {self._end}")
+            self._metrics.upstream_bytes.inc(len(chunk))
+            if skip:
+                dropped = min(skip, len(chunk))
+                chunk, skip = chunk[dropped:], skip - dropped
+            if self.received + len(chunk) > self._end:
+                if self._end == self._size:
+                    raise FillError("Glance sent more bytes than its metadata says",
+                                    "size_mismatch")
+                chunk = chunk[: self._end - self.received]  # a 200 to a range: enough
+            if chunk:
+                await feed(chunk)
                 self.received += len(chunk)
-                if chunk:
-                    await feed(chunk)
-            if (self._end == self._size and not response.content.at_eof()
-                    and await response.content.read(1)):
-                raise FillError("Glance sent more bytes than its metadata says",
-                                "size_mismatch")
-        except (FillError, UpstreamError):
-            raise
+        if (self._end == self._size and not response.content.at_eof()
+                and await self._read(response.content.read(1))):
+            raise FillError("Glance sent more bytes than its metadata says", "size_mismatch")
+
+    async def _read(self, reading: Awaitable[bytes]) -> bytes:
+        try:
+            return await reading
         except Exception as exc:
             raise self._upstream.broken(exc, "an image download") from exc
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
 
 from imgcache.config import Settings
@@ -28,30 +28,41 @@ HOP_BY_HOP = frozenset({
     "te", "trailer", "trailers", "transfer-encoding", "upgrade", "host",
 })
 
+#: Headers that frame a request's body (Content-Length, Transfer-Encoding is hop-by-hop).
+BODY_FRAMING = ("Content-Length", "Transfer-Encoding")
+
 #: Headers aiohttp's client would otherwise add on its own; a pass-through adds nothing.
 _NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
 def end_to_end_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
-    """Copy ``headers`` without hop-by-hop ones, including any the Connection header names."""
+    """Copy ``headers`` without hop-by-hop ones, including any the Connection header names
+    (header names compared without regard to case, repeated headers all kept)."""
+    items = list(headers.items())
     named = {
         token.strip().lower()
-        for value in _getall(headers, "Connection")
+        for name, value in items if name.lower() == "connection"
         for token in value.split(",")
     }
     out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
+    for name, value in items:
         lower = name.lower()
         if lower not in HOP_BY_HOP and lower not in named:
             out.add(name, value)
     return out
 
 
-def _getall(headers: Mapping[str, str], name: str) -> list[str]:
-    if isinstance(headers, CIMultiDict | CIMultiDictProxy):
-        return headers.getall(name, [])
-    value = headers.get(name)
-    return [value] if value else []
+def upstream_headers(headers: Mapping[str, str], *, with_body: bool) -> CIMultiDict[str]:
+    """The end-to-end headers of a request as sent on to Glance. ``Expect`` never goes on
+    (imgcache answered it itself); a request sent without a body carries none of the
+    client's framing headers, or Glance would wait for a body that never comes and read the
+    next request on the pooled connection as its rest."""
+    out = end_to_end_headers(headers)
+    out.popall("Expect", None)
+    if not with_body:
+        for name in BODY_FRAMING:
+            out.popall(name, None)
+    return out
 
 
 def _no_password() -> bytes:
@@ -146,7 +157,8 @@ class Upstream:
             url = URL(base + path_qs, encoded=True)
             try:
                 return await self._session.request(
-                    method, url, headers=end_to_end_headers(headers), data=data,
+                    method, url, headers=upstream_headers(headers, with_body=data is not None),
+                    data=data,
                     allow_redirects=False, compress=None, chunked=None, proxy=proxy,
                 )
             except aiohttp.ClientProxyConnectionError as exc:
@@ -184,6 +196,26 @@ class Upstream:
                 raise UpstreamError(f"request to Glance at {base} failed: {exc}") from exc
             log.warning("%s; trying the next upstream if any", failure)
         raise failure
+
+    async def read_body(self, response: aiohttp.ClientResponse, limit: int,
+                        during: str) -> bytes:
+        """The whole body of a small answer, however many segments it arrived in. Raises
+        UpstreamError when it is longer than ``limit`` or breaks off."""
+        if response.content_length is not None and response.content_length > limit:
+            raise UpstreamError(f"Glance's answer to {during} is {response.content_length} "
+                                f"bytes, more than the {limit} expected")
+        body = bytearray()
+        try:
+            while chunk := await response.content.read(limit + 1 - len(body)):
+                body += chunk
+                if len(body) > limit:
+                    raise UpstreamError(f"Glance's answer to {during} is longer than the "
+                                        f"{limit} bytes expected")
+        except UpstreamError:
+            raise
+        except Exception as exc:
+            raise self.broken(exc, during) from exc
+        return bytes(body)
 
     def broken(self, exc: BaseException, during: str) -> UpstreamError:
         """Translate an error raised while reading a response body, counting it."""

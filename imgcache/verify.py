@@ -6,34 +6,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from imgcache.digest import Expected
+from imgcache.digest import Expected, hash_fd
 from imgcache.metrics import Metrics
 from imgcache.store import Entry, Store
 
 log = logging.getLogger(__name__)
-
-_CHUNK = 1 << 20
 
 
 def hash_file(path: Path, expected: Expected, rate: float | None) -> tuple[bool, int]:
     """Runs on a thread: hash ``path`` and compare with ``expected``, reading at most
     ``rate`` bytes per second. Returns (matches, bytes read)."""
     hasher = expected.new_hasher()
-    started = time.monotonic()
-    done = 0
-    with path.open("rb", buffering=0) as handle:
-        while chunk := handle.read(_CHUNK):
-            if hasher is not None:
-                hasher.update(chunk)
-            done += len(chunk)
-            if rate:
-                ahead = done / rate - (time.monotonic() - started)
-                if ahead > 0:
-                    time.sleep(ahead)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = hash_fd(fd, hasher, rate=rate)
+    finally:
+        os.close(fd)
     digest = hasher.hexdigest() if hasher is not None else None
     return expected.matches(digest, done), done
 

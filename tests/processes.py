@@ -206,8 +206,9 @@ def stop_process(proc: subprocess.Popen[Any], grace: float = 10) -> None:
     proc.wait()
 
 
-def make_cache(cache_dir: Path, entries: int) -> None:
-    """A cache directory with ``entries`` committed 4 KiB images, as a real run leaves it."""
+def make_cache(cache_dir: Path, entries: int, pinned: int = 0) -> None:
+    """A cache directory with ``entries`` committed 4 KiB images, as a real run leaves it;
+    the ``pinned`` most recently used ones are pinned."""
     data = cache_dir / "data"
     data.mkdir(parents=True)
     (cache_dir / "partial").mkdir()
@@ -219,6 +220,7 @@ def make_cache(cache_dir: Path, entries: int) -> None:
             image_id = str(uuid.uuid4())
             name = data_file_name(image_id, number)
             (data / name).write_bytes(b"x" * 4096)
-            entry = Entry(image_id, f"size_only:::{4096}", 4096, name, now, now + number)
+            entry = Entry(image_id, f"size_only:::{4096}", 4096, name, now, now + number,
+                          pinned=number >= entries - pinned)
             index.set(image_id, dataclasses.asdict(entry))
     index.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import pathlib
+import re
 import shutil
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -160,6 +161,15 @@ class RealGlance(GunicornApp):
             yield from self.access_log.read_text(errors="replace").splitlines()
 
     def data_gets(self, image_id: str) -> int:
-        """Count the data downloads of an image (its GET /v2/images/{id}/file access lines)."""
-        needle = f'"GET /v2/images/{image_id}/file '
-        return sum(needle in line for line in self.access_lines())
+        """Count the downloads of an image that carried its data (GET /v2/images/{id}/file
+        access lines answered 200, or 206 with more than imgcache's one-byte download
+        check); refusals and download checks are left out."""
+        return sum(status in (200, 206) and size > 1
+                   for status, size in self._data_answers(image_id))
+
+    def _data_answers(self, image_id: str) -> list[tuple[int, int]]:
+        """(status, body bytes) of every data GET of an image, from the access log."""
+        pattern = re.compile(rf'"GET /v2/images/{image_id}/file [^"]*" (\d+) (\d+|-)')
+        return [(int(m.group(1)), int(m.group(2)) if m.group(2) != "-" else 0)
+                for line in self.access_lines() if (m := pattern.search(line))]
+

@@ -119,32 +119,39 @@ async def test_a_slow_client_slows_only_itself(glance: GlanceStandin, imgcache: 
     assert await slow_task == image.size
 
 
-@pytest.mark.parametrize("fault", [
-    Fault(corrupt_at=3 * MiB + 17),
-    Fault(reset_at=2 * MiB),
-    Fault(status=503),
+@pytest.mark.parametrize(("fault", "answered"), [
+    (Fault(corrupt_at=3 * MiB + 17), None),
+    (Fault(reset_at=2 * MiB), None),
+    (Fault(status=503), 503),
 ])
 async def test_upstream_fault_fails_every_client_and_caches_nothing(
-    glance: GlanceStandin, imgcache_factory: ImgcacheFactory, fault: Fault
+    glance: GlanceStandin, imgcache_factory: ImgcacheFactory, fault: Fault,
+    answered: int | None,
 ) -> None:
+    """A fault after the first bytes breaks every transfer off; one before them (Glance's
+    503) is every client's answer, a status Nova retries, not a 200 cut short."""
     imgcache = await imgcache_factory(retries="0")
     image = await glance.add_image(size=4 * MiB)
     fault.rate = 8 * MiB
     fault.times = 1
     glance.faults[image.id] = fault
 
-    async def client() -> BaseException | bytes:
+    async def client() -> BaseException | tuple[int, bytes]:
         try:
             async with imgcache.session.get(imgcache.data_url(image.id),
                                             headers={"X-Auth-Token": TOKEN}) as resp:
-                return await resp.read()
+                return resp.status, await resp.read()
         except aiohttp.ClientError as exc:
             return exc
 
     results = await asyncio.gather(*(client() for _ in range(8)))
-    # No client got a complete-looking body: each transfer broke off.
-    assert all(isinstance(r, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError)
-               for r in results), results
+    if answered is None:  # no client got a complete-looking body: each transfer broke off
+        assert all(isinstance(r, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError)
+                   for r in results), results
+    else:
+        assert all(isinstance(r, tuple) and r[0] == answered and len(r[1]) < 4096
+                   for r in results), results
+    await imgcache.services.fills.wait_idle()
     metrics = await imgcache.metrics()
     assert metrics["imgcache_cache_entries"] == 0
     assert metrics["imgcache_cache_bytes"] == 0
@@ -368,3 +375,23 @@ async def test_a_truncated_cache_file_is_never_served(
     status, headers, body = await imgcache.get(image.id)
     assert status == 200 and headers["X-Cache-Status"] == "MISS"
     assert sha512(body) == image.os_hash_value
+
+
+async def test_a_client_leaving_a_download_streamed_through_is_not_glance_failing(
+    glance: GlanceStandin, imgcache_factory: ImgcacheFactory
+) -> None:
+    """The client going away ends its stream from Glance; it is not retried, resumed or
+    counted as Glance breaking off."""
+    imgcache = await imgcache_factory(max_size="1M", retry_backoff="0.05s")  # BYPASS
+    image = await glance.add_image(size=8 * MiB)
+    glance.faults[image.id] = Fault(rate=8 * MiB)
+    async with imgcache.session.get(imgcache.data_url(image.id),
+                                    headers={"X-Auth-Token": TOKEN}) as response:
+        assert response.headers["X-Cache-Status"] == "BYPASS"
+        await response.content.readexactly(MiB)
+        response.close()
+    await asyncio.sleep(0.5)
+    assert glance.data_gets(image.id) == 1
+    metrics = await imgcache.metrics()
+    assert metrics['imgcache_upstream_errors_total{kind="broken"}'] == 0
+    assert metrics['imgcache_fill_resumes_total{how="range"}'] == 0

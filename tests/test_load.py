@@ -115,7 +115,9 @@ def serving(glance: StandinThread, cache_dir: Path, max_size: str) -> Iterator[
     try:
         yield process
     finally:
-        process.stop()
+        log = process.stop()
+        print("--- imgcache warnings and errors:\n" + "\n".join(
+            line for line in log.splitlines() if " WARNING " in line or " ERROR " in line))
 
 
 def assert_no_handler_raised(server: ImgcacheProcess) -> None:

@@ -146,3 +146,40 @@ def test_reconcile_drops_records_without_files_and_files_without_records(
     assert "a data file with no index record" in log
 
 
+
+
+def test_pins_above_a_lowered_cap_start_serve_and_report_the_overshoot(
+    tmp_path: Path, slow_glance: StandinProcess
+) -> None:
+    """A cap lowered below the pinned bytes (in the config, then restarted; under systemd a
+    refusal would be a restart loop) evicts what may go and says how far over it is."""
+    make_cache(tmp_path / "cache", 10, pinned=4)  # 4 x 4 KiB pinned
+    server = ImgcacheProcess(slow_glance.url, tmp_path / "cache", max_size="8K")
+    try:
+        assert server.metric("imgcache_cache_entries") == 4  # only the pinned ones are left
+        assert server.metric("imgcache_cache_pinned_bytes") == 4 * 4096
+        assert server.metric("imgcache_cache_over_cap_bytes") == 2 * 4096
+        wait_for_http(server.metrics_url + "/healthz")
+    finally:
+        log = server.stop()
+    assert "over its cap of 8.0 KiB that cannot be evicted" in log
+
+
+def test_a_sighup_shrinking_the_cap_below_the_pins_evicts_what_may_go(
+    tmp_path: Path, slow_glance: StandinProcess
+) -> None:
+    make_cache(tmp_path / "cache", 10, pinned=3)
+    config = tmp_path / "imgcache.conf"
+    config.write_text("[cache]\nmax_size = 1G\n")
+    server = ImgcacheProcess(slow_glance.url, tmp_path / "cache", max_size=None,
+                             extra=("--config", str(config)))
+    try:
+        assert server.metric("imgcache_cache_entries") == 10
+        config.write_text("[cache]\nmax_size = 4K\n")
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_for_metric("imgcache_cache_max_bytes", 4096)
+        assert server.metric("imgcache_cache_entries") == 3
+        assert server.metric("imgcache_cache_over_cap_bytes") == 2 * 4096
+    finally:
+        log = server.stop()
+    assert "over its cap of 4.0 KiB that cannot be evicted" in log

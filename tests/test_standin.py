@@ -246,7 +246,8 @@ async def test_data_gets_and_request_log(standin, client, image):
             await resp.read()
     async with client.get(f"{standin.url}/v2/images/{image.id}", headers=AUTH) as resp:
         await resp.read()
-    assert standin.data_gets(image.id) == 3
+    assert standin.data_gets(image.id) == 2
+    assert standin.download_checks(image.id) == 1  # the one-byte GET
     assert standin.data_gets("nope") == 0
     logged = [(r.method, r.status, r.body_bytes_sent) for r in standin.requests]
     assert logged[:3] == [("GET", 200, SIZE), ("GET", 404, logged[1][2]), ("GET", 206, 1)]

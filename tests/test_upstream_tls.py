@@ -62,10 +62,6 @@ async def mtls_glance(tls_dir: Path, pki: Pki) -> AsyncIterator[GlanceStandin]:
     await standin.stop()
 
 
-def _data_gets(standin: GlanceStandin, image_id: str) -> int:
-    return sum(1 for r in standin.requests if r.path == f"/v2/images/{image_id}/file")
-
-
 async def test_https_glance_verified_with_ca_file_is_downloaded_and_cached(
     tls_glance: GlanceStandin, imgcache_factory: ImgcacheFactory, pki: Pki
 ) -> None:
@@ -79,7 +75,7 @@ async def test_https_glance_verified_with_ca_file_is_downloaded_and_cached(
     status, headers, body = await imgcache.get(image.id)
     assert status == 200 and headers["X-Cache-Status"] == "HIT"
     assert hashlib.sha512(body).hexdigest() == image.os_hash_value
-    assert _data_gets(tls_glance, image.id) == 1
+    assert tls_glance.data_gets(image.id) == 1
     assert (await imgcache.metrics())['imgcache_upstream_errors_total{kind="tls"}'] == 0
 
 

@@ -61,6 +61,16 @@ key_repository = {state}/credential-keys
 password_hash_rounds = 4
 """
 
+#: Glance's default download_image rule (glance/policies/base.py), restricted by an image
+#: property as operators do: an image with ``restricted=yes`` is downloaded by admins only,
+#: though its project's members still see it (get_image is unchanged).
+RESTRICTED_PROPERTY = "restricted"
+DOWNLOAD_POLICY = f"""\
+"download_image": "rule:context_is_admin or ((role:member and (project_id:%(project_id)s or \
+project_id:%(member_id)s or 'community':%(visibility)s or 'public':%(visibility)s or \
+'shared':%(visibility)s)) and not 'yes':%({RESTRICTED_PROPERTY})s)"
+"""
+
 # Keystone parses the process's command line when it configures itself: under gunicorn that is
 # gunicorn's, and its workers die with "unrecognized arguments" unless argv is cleared first.
 KEYSTONE_WSGI = """\
@@ -222,8 +232,10 @@ class User:
 
 class Stack:
     """Keystone and Glance (keystone auth) on loopback, with users: ``admin`` (admin of the
-    ``admin`` project), ``alice`` (member of ``alpha``), ``bob`` (member of ``beta``), and the
-    ``glance`` service user (admin and service of ``service``)."""
+    ``admin`` project), ``alice`` (member of ``alpha``), ``carol`` (reader of ``alpha``: she
+    may see its images, not download them), ``bob`` (member of ``beta``), and the ``glance``
+    service user (admin and service of ``service``). Glance's download_image rule is its
+    default, restricted by the image property RESTRICTED_PROPERTY (see DOWNLOAD_POLICY)."""
 
     PASSWORD = "secret-interop"
 
@@ -234,6 +246,7 @@ class Stack:
         self.admin = User("admin", self.PASSWORD, "admin")
         self.alice = User("alice", self.PASSWORD, "alpha")
         self.bob = User("bob", self.PASSWORD, "beta")
+        self.carol = User("carol", self.PASSWORD, "alpha")
         self.service_user = User("glance", self.PASSWORD, "service")
         self.glance: RealGlance | None = None
         self.timings: dict[str, float] = {}
@@ -251,6 +264,9 @@ class Stack:
     def _start(self) -> None:
         began = time.monotonic()
         ks = self.keystone.url
+        policy = self.state_dir / "glance-policy.yaml"
+        policy.parent.mkdir(parents=True, exist_ok=True)
+        policy.write_text(DOWNLOAD_POLICY)
         self.glance = RealGlance(
             self.state_dir / "glance",
             self.venv,
@@ -268,7 +284,8 @@ class Stack:
                     "token_cache_time": str(GLANCE_TOKEN_CACHE_TIME),
                 },
                 # Glance's own defaults (secure RBAC), not the legacy rules of the no-auth setup.
-                "oslo_policy": {"enforce_new_defaults": "True", "enforce_scope": "True"},
+                "oslo_policy": {"enforce_new_defaults": "True", "enforce_scope": "True",
+                                "policy_file": str(policy)},
             },
             workers=3,  # one may sit behind a held relay while the others answer
         )
@@ -297,13 +314,16 @@ class Stack:
         domain = self.keystone.api(admin, "GET", "/v3/domains?name=Default")["domains"][0]["id"]
         grants = {  # member implies reader (bootstrap makes the implied roles)
             self.alice.name: ("member",),
+            self.carol.name: ("reader",),
             self.bob.name: ("member",),
             self.service_user.name: ("admin", "service"),
         }
-        for user in (self.alice, self.bob, self.service_user):
-            project = self.keystone.api(admin, "POST", "/v3/projects", {
-                "project": {"name": user.project, "domain_id": domain}})["project"]
-            user.project_id = project["id"]
+        projects: dict[str, str] = {}
+        for user in (self.alice, self.carol, self.bob, self.service_user):
+            if user.project not in projects:
+                projects[user.project] = self.keystone.api(admin, "POST", "/v3/projects", {
+                    "project": {"name": user.project, "domain_id": domain}})["project"]["id"]
+            user.project_id = projects[user.project]
             created = self.keystone.api(admin, "POST", "/v3/users", {"user": {
                 "name": user.name, "password": user.password, "domain_id": domain,
                 "default_project_id": user.project_id}})["user"]
