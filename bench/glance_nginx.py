@@ -149,22 +149,30 @@ class Nginx(NginxProcess[str]):
         return f"http://127.0.0.1:{self.ports[server]}"
 
     def data_gets(self, image_id: str, server: str = "glance") -> int:
-        """How many ``GET /v2/images/{id}/file`` the Glance stand-in has logged."""
+        """How many ``GET /v2/images/{id}/file`` the Glance stand-in has logged, but
+        imgcache's one-byte download checks (see ``download_checks``)."""
         return len(self.data_requests(image_id, server))
 
     def data_requests(self, image_id: str, server: str = "glance") -> list[int]:
         """The body bytes sent for each ``GET /v2/images/{id}/file`` that ``server`` has
-        logged (nginx logs a request when it ends)."""
-        return self._logged(f"GET /v2/images/{image_id}/file ", server)
+        logged (nginx logs a request when it ends), but the one-byte download checks."""
+        return [sent for status, sent in self._logged(f"GET /v2/images/{image_id}/file ",
+                                                      server) if (status, sent) != (206, 1)]
+
+    def download_checks(self, image_id: str, server: str = "glance") -> int:
+        """How many of imgcache's download checks (a 206 of one byte) ``server`` logged."""
+        return sum((status, sent) == (206, 1) for status, sent in
+                   self._logged(f"GET /v2/images/{image_id}/file ", server))
 
     def metadata_gets(self, image_id: str, server: str = "glance") -> int:
         """How many ``GET /v2/images/{id}`` (the image JSON) ``server`` has logged."""
         return len(self._logged(f"GET /v2/images/{image_id} ", server))
 
-    def _logged(self, wanted: str, server: str) -> list[int]:
+    def _logged(self, wanted: str, server: str) -> list[tuple[int, int]]:
         log = self.prefix / f"{server}-access.log"
         if not log.exists():
             return []
         with log.open() as lines:
             # _LOG_FORMAT: method uri status body_bytes_sent request_time
-            return [int(line.split()[3]) for line in lines if line.startswith(wanted)]
+            return [(int(fields[2]), int(fields[3])) for line in lines
+                    if line.startswith(wanted) and (fields := line.split())]

@@ -33,11 +33,12 @@ class WrkRun:
 
 
 def run_wrk(procs: Processes, binary: str, url: str, connections: int, seconds: float,
-            threads: int = 2) -> WrkRun:
-    """``connections`` keep-alive connections fetching ``url`` for ``seconds``."""
+            threads: int = 2, script: str | None = None) -> WrkRun:
+    """``connections`` keep-alive connections fetching ``url`` for ``seconds`` (with
+    ``script``, a wrk Lua script file, making the requests)."""
     cmd = [binary, f"-t{min(threads, connections)}", f"-c{connections}",
            f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "30s",
-           "-H", f"X-Auth-Token: {TOKEN}", url]
+           "-H", f"X-Auth-Token: {TOKEN}", *(("-s", script) if script else ()), url]
     proc = procs.start(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = proc.communicate()
     procs.forget(proc)
