@@ -3,7 +3,6 @@ the pass-through for everything else."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import random
@@ -29,6 +28,7 @@ from imgcache.ranges import ByteRange, requested_range
 from imgcache.responses import ZeroCopySender, reset_connection
 from imgcache.sources import CachedFile, GrowingFile, open_source
 from imgcache.store import Store
+from imgcache.threads import run_to_completion
 from imgcache.transfer import GlanceRefused
 from imgcache.upstream import Upstream
 from imgcache.verified_stream import VerifiedStream
@@ -275,8 +275,8 @@ class ImageDataRequest:
                     "(from byte %d) from Glance", self.request_id, info.image_id, position)
         hasher = info.expected.new_hasher()
         try:
-            reread = await asyncio.get_running_loop().run_in_executor(
-                self.services.pipeline, hash_fd, fd, hasher, position)
+            reread = await run_to_completion(self.services.pipeline, hash_fd, fd, hasher,
+                                             position)
         except OSError as exc:
             return self._reset(response, f"the bytes already sent cannot be read again to "
                                          f"verify them ({exc})")

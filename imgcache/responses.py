@@ -22,13 +22,14 @@ import os
 import select
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from aiohttp import web
 
 from imgcache.fill import Fill, FillFailed
+from imgcache.threads import run_to_completion
 
 #: Most bytes one call on a sending thread sends before it hands the thread back: about
 #: 3 ms at page-cache speed, so a thread is free again within milliseconds however big the
@@ -106,16 +107,9 @@ class ZeroCopySender:
                     await _writable(loop, out_fd)
 
     async def run_on_thread(self, func: Callable[..., T], *args: object) -> T:
-        """Run one sending step on a thread. If the request is cancelled meanwhile (a
-        shutdown), wait for the thread to finish first: it uses fds the caller closes next."""
-        future: Awaitable[T] = asyncio.get_running_loop().run_in_executor(
-            self._threads, func, *args)
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            with contextlib.suppress(BaseException):
-                await future
-            raise
+        """Run one sending step on a sending thread, to completion (see
+        ``threads.run_to_completion``)."""
+        return await run_to_completion(self._threads, func, *args)
 
 
 class _ClientSocket:
