@@ -143,7 +143,7 @@ async def clear_entries(request: web.Request) -> web.Response:
                                  if with_pinned or not e.pinned])
     for entry in removed:
         _services(request).authorizer.forget(entry.image_id)
-    kept = len(store.entries())
+    kept = len(store)
     log.info("management: cleared %d entries (%d pinned kept)", len(removed), kept)
     return web.json_response({"removed": len(removed), "kept_pinned": kept})
 
@@ -231,7 +231,7 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response({
         "cache_bytes": store.used_bytes, "max_bytes": store.max_bytes,
         "pinned_bytes": store.pinned_bytes, "over_cap_bytes": store.over_cap_bytes,
-        "entries": len(store.entries()),
+        "entries": len(store),
         "fills_in_progress": len(services.fills.in_flight()),
         "requests": requests,
         "hit_ratio": (requests["hit"] / answered) if answered else None,

@@ -27,6 +27,7 @@ from imgcache.handlers import SERVICES, Services, dispatch
 from imgcache.logs import setup_logging
 from imgcache.metrics import Metrics
 from imgcache.notify import SystemdNotifier
+from imgcache.openfiles import OpenFiles
 from imgcache.prefetch import Prefetcher
 from imgcache.responses import ZeroCopySender
 from imgcache.store import Store
@@ -96,6 +97,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
                             read_timeout=settings.read_timeout, metrics=metrics,
                             proxy=settings.proxy, ssl_context=tls)
         store = Store(settings.cache_dir, settings.max_size, metrics, control)
+        open_files = OpenFiles(control)
+        store.add_removal_listener(lambda entry: open_files.retire(entry.file_name))
         await store.open()
         await upstream.start()
         authorizer = Authorizer(upstream, settings.decision_ttl, metrics,
@@ -107,6 +110,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
             upstream=upstream,
             authorizer=authorizer,
             store=store,
+            open_files=open_files,
             fills=fills,
             sender=ZeroCopySender(senders),
             metrics=metrics,
@@ -126,6 +130,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
         await fills.close()
         verifier.close()
         await upstream.close()
+        await open_files.close()
         await store.close()
         for pool in (senders, control, pipeline):
             pool.shutdown(wait=False, cancel_futures=True)

@@ -22,6 +22,7 @@ from imgcache.errors import BadRequest, FillError, ImgcacheError, UpstreamError
 from imgcache.fill import FillFailed, FillRegistry
 from imgcache.keys import parse_image_id
 from imgcache.metrics import Metrics
+from imgcache.openfiles import OpenFiles
 from imgcache.passthrough import pass_through
 from imgcache.prefetch import Prefetcher
 from imgcache.ranges import ByteRange, requested_range
@@ -49,6 +50,7 @@ class Services:
     upstream: Upstream
     authorizer: Authorizer
     store: Store
+    open_files: OpenFiles
     fills: FillRegistry
     sender: ZeroCopySender
     metrics: Metrics
@@ -160,14 +162,14 @@ class ImageDataRequest:
             return await pass_through(services.upstream, services.metrics, self.request,
                                       "BYPASS", self._count_sent)
         byte_range = requested_range(self.request.headers, info.expected.size)
-        source = await open_source(services.store, services.fills, image_id, info.expected,
-                                   self.request.headers)
+        source = await open_source(services.store, services.open_files, services.fills,
+                                   image_id, info.expected, self.request.headers)
         if isinstance(source, CachedFile):
             self.result = "hit"
             try:
                 return await self._send_cached(info, byte_range, source)
             finally:
-                services.store.close_entry(source.handle)
+                services.open_files.release(source.handle)
         if isinstance(source, GrowingFile):
             self.result = "miss" if source.started else "coalesced"
             try:
@@ -193,13 +195,13 @@ class ImageDataRequest:
         except ConnectionResetError:
             return self._client_gone(response)
         except OSError as exc:
-            self.services.store.drop_unusable(source.entry, str(exc))
+            self._drop_unusable(source, str(exc))
             return self._reset(response, f"its cached file cannot be read as committed ({exc})")
         except BaseException:
             reset_connection(self.request)
             raise
         if not linked:
-            self.services.store.drop_unusable(source.entry, "its file was deleted")
+            self._drop_unusable(source, "its file was deleted")
         await response.write_eof()
         return response
 
@@ -363,6 +365,12 @@ class ImageDataRequest:
         self.status = 499
         reset_connection(self.request)
         return response
+
+    def _drop_unusable(self, source: CachedFile, reason: str) -> None:
+        """The cached file cannot be read as committed: drop its entry, and never hand out
+        its fd again (also when the entry already left the cache)."""
+        self.services.store.drop_unusable(source.entry, reason)
+        self.services.open_files.retire(source.entry.file_name)
 
     def _drop_if_gone(self, info: ImageInfo) -> None:
         if info.status not in GONE_STATUSES:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from imgcache.digest import Expected
 from imgcache.fill import Bypass, Cached, Fill, FillRegistry
-from imgcache.openfiles import OpenFile
+from imgcache.openfiles import OpenFile, OpenFiles
 from imgcache.store import Entry, Store
 
 #: Looks before giving up on an entry or fill that keeps vanishing under the caller.
@@ -44,7 +44,8 @@ class FromGlance:
 Source = CachedFile | GrowingFile | FromGlance
 
 
-async def open_source(store: Store, fills: FillRegistry, image_id: str, expected: Expected,
+async def open_source(store: Store, open_files: OpenFiles, fills: FillRegistry,
+                      image_id: str, expected: Expected,
                       headers: Mapping[str, str]) -> Source:
     """Open what a caller Glance allowed (its request ``headers``) reads this image content
     from. An entry holding older content of the image is dropped first."""
@@ -61,7 +62,22 @@ async def open_source(store: Store, fills: FillRegistry, image_id: str, expected
                     return GrowingFile(joined.fill, joined.started, fd)
                 continue
             entry = joined.entry
-        handle = await store.open_entry(entry)
+        handle = await _open_cached(store, open_files, entry)
         if handle is not None:
             return CachedFile(entry, handle)
     return FromGlance("its cache entry changed under every look")
+
+
+async def _open_cached(store: Store, open_files: OpenFiles, entry: Entry) -> OpenFile | None:
+    """The entry's file, open for one reader (to give back to ``open_files``), the hit
+    counted; None if the file is gone or has not the entry's size (the entry is dropped)."""
+    try:
+        handle = await open_files.acquire(store.path_of(entry), entry.size)
+    except OSError as exc:
+        store.drop_unusable(entry, str(exc))
+        return None
+    if store.get(entry.image_id) is not entry:
+        # Dropped while its file was being opened: this reader finishes, no other starts.
+        open_files.retire(entry.file_name)
+    store.record_hit(entry)
+    return handle

@@ -1,13 +1,15 @@
-"""The cache on disk: the only module that touches diskcache and the cache directory.
+"""The cache on disk: its directory, and the table of entries with their accounting.
 
 Layout under ``cache_dir``:
 - ``data/``: committed image files, named by ``keys.data_file_name``;
 - ``partial/``: files of fills in progress; never served once the process that wrote them
   is gone, and swept at start;
-- ``index/``: a diskcache (SQLite) of one small record per entry.
+- ``index/``: the persistent table (``index.CacheIndex``, diskcache/SQLite), one record per
+  entry.
 
-The entry table is mirrored in memory (recency order included), so a lookup on the hot path
-never touches SQLite; every SQLite call and file operation runs on the store's own threads.
+The table is kept in memory (recency order included), and its totals (bytes cached, pinned,
+reserved) are kept up to date on every change, so that a lookup or a reservation on the hot
+path never touches SQLite or walks the table; file operations run on the ``files`` threads.
 """
 
 from __future__ import annotations
@@ -18,51 +20,23 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import diskcache
-
 from imgcache.config import format_size
+from imgcache.diskhealth import DiskHealth
+from imgcache.entry import Entry, Reservation
 from imgcache.errors import FillError, NoSpace
+from imgcache.index import CacheIndex
 from imgcache.keys import data_file_name, partial_file_name
 from imgcache.metrics import Metrics
-from imgcache.openfiles import OpenFile, OpenFiles
+from imgcache.recency import RecencyWriter
 
 log = logging.getLogger(__name__)
 
-#: After a write to the cache fails (disk full, directory gone, read-only), new images are
-#: streamed through uncached for this long before caching is tried again.
-DISK_ERROR_PAUSE = 30.0
-#: Hits change an entry's recency and hit count in memory at once; the index on disk gets
-#: them in one batch at most this many seconds later (and at shutdown). A crash loses at
-#: most this much recency, never an entry.
-TOUCH_FLUSH_DELAY = 5.0
-
-
-@dataclass
-class Entry:
-    """A committed, verified image file. ``content_key`` is ``digest.Expected.key`` at commit."""
-
-    image_id: str
-    content_key: str
-    size: int
-    file_name: str
-    created_at: float
-    last_access: float
-    hits: int = 0
-    pinned: bool = False
-    verified_at: float = 0.0
-
-
-@dataclass
-class Reservation:
-    """Space set aside for one fill; released on failure or turned into an entry on commit."""
-
-    size: int
-    active: bool = True
+RemovalListener = Callable[[Entry], None]
 
 
 class Store:
@@ -74,21 +48,19 @@ class Store:
         self.max_bytes = max_bytes
         self._metrics = metrics
         self._files = files
-        # One thread for the index keeps its writes in the order they were made.
-        self._index_thread = ThreadPoolExecutor(1, thread_name_prefix="imgcache-index")
-        self._index: diskcache.Cache | None = None
+        self._index = CacheIndex(cache_dir / "index")
+        self._recency = RecencyWriter(self._index)
+        self._health = DiskHealth(cache_dir, metrics)
         self._entries: OrderedDict[str, Entry] = OrderedDict()  # least recently used first
         self._entry_bytes = 0
         self._pinned_bytes = 0
         self._reserved_bytes = 0
         self._partial_names = itertools.count(1)
+        self._removal_listeners: list[RemovalListener] = []
         self._background: set[asyncio.Future[Any]] = set()
-        self._disk_error_until = 0.0
-        self._disk_error = ""
-        self._open_files = OpenFiles(files)
-        self._touched: dict[str, Entry] = {}
-        self._touch_flush: asyncio.TimerHandle | None = None
         metrics.cache_max_bytes.set(max_bytes)
+
+    # -- what the cache holds --------------------------------------------------------------
 
     @property
     def data_dir(self) -> Path:
@@ -106,76 +78,101 @@ class Store:
         return self._pinned_bytes
 
     @property
+    def used_bytes(self) -> int:
+        """Bytes of committed entries plus bytes reserved by fills in progress."""
+        return self._entry_bytes + self._reserved_bytes
+
+    @property
     def over_cap_bytes(self) -> int:
         """Bytes above the cap that cannot be evicted (pinned, or reserved by fills in
         progress), after the cap was lowered below them; 0 normally."""
         return max(0, self.used_bytes - self.max_bytes)
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
     def path_of(self, entry: Entry) -> Path:
         """Where an entry's file lives."""
         return self.data_dir / entry.file_name
 
-    @property
-    def used_bytes(self) -> int:
-        """Bytes of committed entries plus bytes reserved by fills in progress."""
-        return self._entry_bytes + self._reserved_bytes
+    def current_entry(self, image_id: str, content_key: str) -> Entry | None:
+        """The committed entry of this image if it holds the content Glance now publishes."""
+        entry = self._entries.get(image_id)
+        return entry if entry is not None and entry.content_key == content_key else None
+
+    def get(self, image_id: str) -> Entry | None:
+        """The committed entry of an image, whatever its content."""
+        return self._entries.get(image_id)
+
+    def entries(self) -> list[Entry]:
+        """All committed entries, least recently used first."""
+        return list(self._entries.values())
+
+    def add_removal_listener(self, listener: RemovalListener) -> None:
+        """Call ``listener(entry)`` whenever an entry leaves the cache."""
+        self._removal_listeners.append(listener)
+
+    # -- start and stop --------------------------------------------------------------------
 
     async def open(self) -> None:
         """Create the layout, sweep partial files, load the index and reconcile it with the
         files: a record without its file is dropped, a file without its record removed."""
         loop = asyncio.get_running_loop()
-        records = await loop.run_in_executor(self._index_thread, self._open_sync)
-        for entry in sorted(records, key=lambda e: e.last_access):
+        on_disk = await loop.run_in_executor(self._files, self._prepare_layout)
+        records = await self._index.open()
+        invalid = []
+        for key, entry in sorted(records, key=lambda r: r[1].last_access if r[1] else 0):
+            if entry is None or entry.file_name not in on_disk:
+                log.warning("dropping index record %s: its file is missing", key)
+                invalid.append(key)
+                continue
+            on_disk.discard(entry.file_name)
             self._add_entry(entry)
+        if invalid:
+            self._index.delete_keys_later(invalid)
+        for name in on_disk:
+            log.warning("removing %s: a data file with no index record", name)
+        if on_disk:
+            self._background_call(self._unlink_data, *on_disk)
         self._publish()
         log.info("cache %s opened: %d entries, %s of %s", self.cache_dir,
                  len(self._entries), format_size(self._entry_bytes),
                  format_size(self.max_bytes))
         self._evict_to_cap()
 
-    def _open_sync(self) -> list[Entry]:
+    def _prepare_layout(self) -> set[str]:
         for directory in (self.data_dir, self.partial_dir):
             directory.mkdir(parents=True, exist_ok=True)
         for leftover in self.partial_dir.iterdir():
             log.info("removing partial file %s left by an earlier run", leftover.name)
             leftover.unlink(missing_ok=True)
-        self._index = diskcache.Cache(
-            str(self.cache_dir / "index"), eviction_policy="none", cull_limit=0,
-            size_limit=2**62, statistics=False,
-        )
-        on_disk = {name for name in os.listdir(self.data_dir)}
-        with self._index.transact():  # one transaction: 10,000 reads in well under a second
-            rows = [(key, self._index.get(key)) for key in list(self._index.iterkeys())]
-        records: list[Entry] = []
-        for key, raw in rows:
-            try:
-                entry = Entry(**raw)
-                on_disk.remove(entry.file_name)
-            except (TypeError, KeyError):
-                log.warning("dropping index record %s: its file is missing", key)
-                self._index.delete(key)
-                continue
-            records.append(entry)
-        for name in on_disk:
-            log.warning("removing %s: a data file with no index record", name)
-            (self.data_dir / name).unlink(missing_ok=True)
-        return records
+        return set(os.listdir(self.data_dir))
 
     async def close(self) -> None:
-        """Write pending recency, finish pending index writes, close files and the index."""
-        self._flush_touched()
-        await self._open_files.close()
+        """Write pending recency, finish pending file and index work, close the index."""
+        self._recency.flush()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-        loop = asyncio.get_running_loop()
-        if self._index is not None:
-            await loop.run_in_executor(self._index_thread, self._index.close)
-        self._index_thread.shutdown(wait=False)
+        await self._index.close()
 
-    def current_entry(self, image_id: str, content_key: str) -> Entry | None:
-        """The committed entry of this image if it holds the content Glance now publishes."""
-        entry = self._entries.get(image_id)
-        return entry if entry is not None and entry.content_key == content_key else None
+    # -- hits and entries that turn out unusable -------------------------------------------
+
+    def record_hit(self, entry: Entry) -> None:
+        """A hit read the entry: count it and make it the most recently used (written to
+        the index with the next batch). Nothing for an entry that left the cache."""
+        if self._entries.get(entry.image_id) is not entry:
+            return
+        entry.hits += 1
+        entry.last_access = time.time()
+        self._entries.move_to_end(entry.image_id)
+        self._recency.touched(entry)
+
+    def drop_unusable(self, entry: Entry, reason: str) -> None:
+        """The entry's file cannot be read as committed: drop the entry (the next request
+        is a miss that fetches the image again)."""
+        if self._entries.get(entry.image_id) is entry:
+            log.warning("entry %s is unusable (%s); dropping it", entry.image_id, reason)
+            self.remove(entry.image_id)
 
     def drop_other_content(self, image_id: str, content_key: str) -> bool:
         """Drop the entry of this image if it holds other content than ``content_key`` (the
@@ -187,41 +184,7 @@ class Store:
         self.remove(image_id)
         return True
 
-    async def open_entry(self, entry: Entry) -> OpenFile | None:
-        """The entry's file, open for reading, to hand back with ``close_entry``; None if the
-        file has vanished or does not have the entry's size (then the entry is dropped).
-        Counts a hit and moves the entry to the most recently used end."""
-        try:
-            handle = await self._open_files.acquire(self.data_dir / entry.file_name,
-                                                    entry.size)
-        except OSError as exc:
-            self.drop_unusable(entry, str(exc))
-            return None
-        if self._entries.get(entry.image_id) is not entry:
-            # Dropped while its file was being opened: this reader finishes, no other starts.
-            self._open_files.retire(entry.file_name)
-        entry.hits += 1
-        entry.last_access = time.time()
-        if self._entries.get(entry.image_id) is entry:
-            self._entries.move_to_end(entry.image_id)
-            self._touched[entry.image_id] = entry
-            if self._touch_flush is None:
-                self._touch_flush = asyncio.get_running_loop().call_later(
-                    TOUCH_FLUSH_DELAY, self._flush_touched)
-        return handle
-
-    def close_entry(self, handle: OpenFile) -> None:
-        """A reader is done with a file ``open_entry`` gave it."""
-        self._open_files.release(handle)
-
-    def drop_unusable(self, entry: Entry, reason: str) -> None:
-        """The entry's file cannot be read as committed: drop the entry (next request is a
-        miss that fetches the image again)."""
-        if self._entries.get(entry.image_id) is entry:
-            log.warning("entry %s is unusable (%s); dropping it", entry.image_id, reason)
-            self.remove(entry.image_id)
-        else:  # already gone from the cache (evicted, replaced): just stop reusing its fd
-            self._open_files.retire(entry.file_name)
+    # -- fills: reserve, commit, or give back ----------------------------------------------
 
     def reserve(self, size: int) -> Reservation:
         """Set aside ``size`` bytes, evicting least recently used unpinned entries as needed.
@@ -229,11 +192,11 @@ class Store:
         if size > self.max_bytes:
             raise NoSpace(f"the image ({format_size(size)}) is larger than the cache cap "
                           f"({format_size(self.max_bytes)})")
-        if time.monotonic() < self._disk_error_until:
-            raise NoSpace(f"the cache disk failed recently ({self._disk_error}); not caching "
-                          "until it works again")
-        unevictable = self._pinned_bytes + self._reserved_bytes
-        if unevictable + size > self.max_bytes:
+        paused = self._health.paused_because()
+        if paused is not None:
+            raise NoSpace(f"the cache disk failed recently ({paused}); not caching until it "
+                          "works again")
+        if self._pinned_bytes + self._reserved_bytes + size > self.max_bytes:
             raise NoSpace(f"no room for {format_size(size)}: {format_size(self._pinned_bytes)} "
                           f"pinned and {format_size(self._reserved_bytes)} reserved by fills in "
                           f"progress, under a cap of {format_size(self.max_bytes)}")
@@ -256,7 +219,9 @@ class Store:
     async def commit(self, reservation: Reservation, partial: Path, image_id: str,
                      content_key: str) -> Entry:
         """Adopt a verified partial file: flush it to disk, rename it into ``data/`` and
-        write its index record. Its bytes are never copied."""
+        write its index record; its bytes are never copied. A failing step leaves nothing:
+        the file is taken out of ``data/``, the reservation given back, and FillError
+        ("commit_error") raised."""
         now = time.time()
         entry = Entry(image_id=image_id, content_key=content_key, size=reservation.size,
                       file_name=data_file_name(image_id, time.time_ns()),
@@ -264,13 +229,12 @@ class Store:
         loop = asyncio.get_running_loop()
         step = "adopting the file"
         try:
-            await loop.run_in_executor(self._files, self._adopt_sync, partial, entry.file_name)
+            await loop.run_in_executor(self._files, self._adopt, partial, entry.file_name)
             step = "writing the index record"
-            await loop.run_in_executor(self._index_thread, self._write_records,
-                                       [asdict(entry)])
+            await self._index.write([entry])
         except Exception as exc:
             if step != "adopting the file":  # the file is in data/ but has no record
-                self._background_call(self._files, self._unlink_data, entry.file_name)
+                self._background_call(self._unlink_data, entry.file_name)
             self.release(reservation)
             raise FillError(f"committing image {image_id} failed while {step}: {exc}",
                             "commit_error") from exc
@@ -281,7 +245,7 @@ class Store:
         self._publish()
         return entry
 
-    def _adopt_sync(self, partial: Path, file_name: str) -> None:
+    def _adopt(self, partial: Path, file_name: str) -> None:
         """Flush, rename into data/, flush the directory; a failure after the rename takes
         the file out of data/ again, so that nothing is left there without a record."""
         fd = os.open(partial, os.O_RDONLY)
@@ -301,21 +265,15 @@ class Store:
             target.unlink(missing_ok=True)
             raise
 
-    def _unlink_data(self, file_name: str) -> None:
-        (self.data_dir / file_name).unlink(missing_ok=True)
-
     def disk_failed(self, error: str) -> None:
         """A write to the cache failed: stream new images through uncached for a while."""
-        self._metrics.disk_errors.inc()
-        self._disk_error = error
-        self._disk_error_until = time.monotonic() + DISK_ERROR_PAUSE
-        log.error("cache disk error in %s: %s; images are streamed through uncached for "
-                  "%.0f s; check free space and permissions", self.cache_dir, error,
-                  DISK_ERROR_PAUSE)
+        self._health.failed(error)
 
     def discard_partial(self, partial: Path) -> None:
         """Delete a failed fill's partial file in the background."""
-        self._background_call(self._files, partial.unlink, True)
+        self._background_call(partial.unlink, True)
+
+    # -- removal, pins, the cap ------------------------------------------------------------
 
     def remove(self, image_id: str) -> Entry | None:
         """Drop an entry now; its file and record are deleted in the background. Readers that
@@ -327,29 +285,17 @@ class Store:
         """Drop many entries at once (a clear): one index transaction for all of them."""
         removed = [e for e in (self._entries.pop(i, None) for i in image_ids) if e is not None]
         for entry in removed:
-            self._touched.pop(entry.image_id, None)
-            self._open_files.retire(entry.file_name)
+            self._recency.forget(entry.image_id)
             self._entry_bytes -= entry.size
             if entry.pinned:
                 self._pinned_bytes -= entry.size
-        self._publish()
+            for listener in self._removal_listeners:
+                listener(entry)
         if removed:
-            self._background_call(self._index_thread, self._delete_sync, removed)
+            self._publish()
+            self._index.delete_later(removed)
+            self._background_call(self._unlink_data, *(e.file_name for e in removed))
         return removed
-
-    def _add_entry(self, entry: Entry) -> None:
-        self._entries[entry.image_id] = entry
-        self._entry_bytes += entry.size
-        if entry.pinned:
-            self._pinned_bytes += entry.size
-
-    def entries(self) -> list[Entry]:
-        """All committed entries, least recently used first."""
-        return list(self._entries.values())
-
-    def get(self, image_id: str) -> Entry | None:
-        """The committed entry of an image, whatever its content."""
-        return self._entries.get(image_id)
 
     def check_pin_fits(self, size: int) -> None:
         """Raise NoSpace unless ``size`` more pinned bytes stay under the cap."""
@@ -412,37 +358,24 @@ class Store:
         self.remove_many(victims)
         self._metrics.evictions.inc(len(victims))
 
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _add_entry(self, entry: Entry) -> None:
+        self._entries[entry.image_id] = entry
+        self._entry_bytes += entry.size
+        if entry.pinned:
+            self._pinned_bytes += entry.size
+
     def _persist(self, entry: Entry) -> None:
-        self._touched.pop(entry.image_id, None)
-        self._background_call(self._index_thread, self._write_records, [asdict(entry)])
+        self._recency.forget(entry.image_id)
+        self._index.write_later([entry])
 
-    def _flush_touched(self) -> None:
-        if self._touch_flush is not None:
-            self._touch_flush.cancel()
-            self._touch_flush = None
-        if self._touched:
-            records = [asdict(entry) for entry in self._touched.values()]
-            self._touched.clear()
-            self._background_call(self._index_thread, self._write_records, records)
+    def _unlink_data(self, *file_names: str) -> None:
+        for name in file_names:
+            (self.data_dir / name).unlink(missing_ok=True)
 
-    def _write_records(self, records: list[dict[str, Any]]) -> None:
-        assert self._index is not None
-        with self._index.transact():
-            for record in records:
-                self._index.set(record["image_id"], record)
-
-    def _delete_sync(self, entries: list[Entry]) -> None:
-        assert self._index is not None
-        with self._index.transact():
-            for entry in entries:
-                current = self._index.get(entry.image_id)
-                if current is not None and current.get("file_name") == entry.file_name:
-                    self._index.delete(entry.image_id)
-        for entry in entries:
-            (self.data_dir / entry.file_name).unlink(missing_ok=True)
-
-    def _background_call(self, executor: ThreadPoolExecutor, func: Any, *args: Any) -> None:
-        future = asyncio.get_running_loop().run_in_executor(executor, func, *args)
+    def _background_call(self, func: Any, *args: Any) -> None:
+        future = asyncio.get_running_loop().run_in_executor(self._files, func, *args)
         self._background.add(future)
         future.add_done_callback(self._background_done)
 
@@ -456,4 +389,3 @@ class Store:
         self._metrics.cache_pinned_bytes.set(self._pinned_bytes)
         self._metrics.cache_entries.set(len(self._entries))
         self._metrics.cache_over_cap_bytes.set(self.over_cap_bytes)
-

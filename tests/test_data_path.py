@@ -53,6 +53,9 @@ async def test_cold_storm_is_one_upstream_get_and_followers_stream_early(
     status, response_headers, body = await imgcache.get(image.id)
     assert (status, response_headers["X-Cache-Status"]) == (200, "HIT")
     assert sha512(body) == image.os_hash_value
+    # A request is counted once its handler returns, which may be just after the client
+    # read its last byte.
+    await imgcache.wait_for_metric('imgcache_requests_total{result="hit"}', 1)
     metrics = await imgcache.metrics()
     assert metrics['imgcache_requests_total{result="coalesced"}'] == 31
     assert metrics['imgcache_requests_total{result="hit"}'] == 1
