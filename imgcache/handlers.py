@@ -124,6 +124,7 @@ class ImageDataRequest:
         self.result = "error"
         self.sent = 0
         self.status = 0  # 0 until answered; 499 when the client went away mid-body
+        self._image_answer: web.StreamResponse | None = None  # once its headers are built
 
     async def serve(self) -> web.StreamResponse:
         """Answer the request and log one line about it."""
@@ -133,8 +134,15 @@ class ImageDataRequest:
                 _refuse_bad_targets(self.request)
                 response = await self._serve()
             except ImgcacheError as exc:
+                if self._headers_sent():
+                    self._reset_unexpectedly()
+                    raise
                 self.result = "error"
                 response = error_response(exc)
+            except BaseException:
+                if self._headers_sent():  # never a clean end of what was sent
+                    self._reset_unexpectedly()
+                raise
             self.status = self.status or response.status
             return response
         finally:
@@ -197,9 +205,6 @@ class ImageDataRequest:
         except OSError as exc:
             self._drop_unusable(source, str(exc))
             return self._reset(response, f"its cached file cannot be read as committed ({exc})")
-        except BaseException:
-            reset_connection(self.request)
-            raise
         if not linked:
             self._drop_unusable(source, "its file was deleted")
         await response.write_eof()
@@ -225,9 +230,6 @@ class ImageDataRequest:
             return self._reset(response, f"the fill failed ({failed})")
         except ConnectionResetError:
             return self._client_gone(response)
-        except BaseException:
-            reset_connection(self.request)
-            raise
         await response.write_eof()
         return response
 
@@ -257,10 +259,6 @@ class ImageDataRequest:
             return self._reset(response, f"streaming it from Glance failed ({exc})")
         except ConnectionResetError:
             return self._client_gone(response)
-        except BaseException:
-            if response.prepared:
-                reset_connection(self.request)
-            raise
         if not response.prepared:
             await response.prepare(self.request)
         await response.write_eof()
@@ -298,9 +296,6 @@ class ImageDataRequest:
             return self._reset(response, f"Glance failed too ({exc})")
         except ConnectionResetError:
             return self._client_gone(response)
-        except BaseException:
-            reset_connection(self.request)
-            raise
         await response.write_eof()
         return response
 
@@ -310,6 +305,13 @@ class ImageDataRequest:
         callers = AllowedCallers(question_headers(self.request.headers))
         return VerifiedStream(self.services.fills.new_download(), self.services.pipeline,
                               self.services.metrics, image_id, expected, callers)
+
+    def _headers_sent(self) -> bool:
+        return self._image_answer is not None and self._image_answer.prepared
+
+    def _reset_unexpectedly(self) -> None:
+        self.result = "error"
+        reset_connection(self.request)
 
     def _image_response(self, info: ImageInfo,
                         byte_range: ByteRange | None) -> web.StreamResponse:
@@ -325,6 +327,7 @@ class ImageDataRequest:
         response.headers["X-Cache-Status"] = self.result.upper()
         response.headers["x-openstack-request-id"] = self.request_id
         response.content_length = end - start
+        self._image_answer = response
         return response
 
     async def _prepare(self, info: ImageInfo,
