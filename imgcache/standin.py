@@ -24,6 +24,7 @@ import pathlib
 import random
 import re
 import signal
+import socket
 import ssl
 import uuid
 from collections import Counter
@@ -334,8 +335,10 @@ class GlanceStandin:
         port: int = 0,
         tokens: Iterable[str] = ("token-a",),
         ssl_context: ssl.SSLContext | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
         self.data_dir = pathlib.Path(data_dir)
+        self.sock = sock  # a listening socket to serve on instead of binding host:port
         self.ssl_context = ssl_context  # serve https with it (see `url`)
         self.host = host
         self.port = port
@@ -353,7 +356,8 @@ class GlanceStandin:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start serving; with port 0 a free port is picked (see `url`)."""
+        """Start serving on `sock` if one was given (`host` then only names it in `url`), else
+        on host:port; with port 0 a free port is picked (see `url`)."""
         app = web.Application(middlewares=[self._log_middleware], client_max_size=1 << 20)
         app.on_response_prepare.append(_add_request_id)
         file_route = "/v2/images/{image_id}/file"
@@ -370,8 +374,12 @@ class GlanceStandin:
             app, access_log=None, handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT
         )
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port,
-                          ssl_context=self.ssl_context).start()
+        site: web.BaseSite
+        if self.sock is not None:
+            site = web.SockSite(self._runner, self.sock, ssl_context=self.ssl_context)
+        else:
+            site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
+        await site.start()
         self.port = self._runner.addresses[0][1]
 
     async def stop(self) -> None:

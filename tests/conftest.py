@@ -1,5 +1,6 @@
 """Shared fixtures: every async test runs on uvloop with blockbuster watching the loop, and
-talks to real servers on loopback: a Glance stand-in and imgcache itself."""
+talks to real servers: a Glance stand-in across the test network (the emulated link of
+tests/netlink, or loopback where it cannot be made) and imgcache itself, on loopback."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ import pytest
 import uvloop
 from blockbuster import blockbuster_ctx
 from inloop import OTHER_TOKEN, TOKEN, Imgcache, ImgcacheFactory
+from netlink.link import Network
 
 from imgcache.app import Running, running
 from imgcache.config import load_settings
 from imgcache.standin import GlanceStandin
+
+pytest_plugins = ("netlink.fixtures",)  # the ``network`` fixture
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Mapping[str, Any]:
@@ -43,9 +47,11 @@ def glance_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def glance(glance_dir: Path) -> AsyncIterator[GlanceStandin]:
-    """A Glance stand-in on loopback with two tokens (neither sees the other's images)."""
-    standin = GlanceStandin(glance_dir, tokens=(TOKEN, OTHER_TOKEN))
+async def glance(glance_dir: Path, network: Network) -> AsyncIterator[GlanceStandin]:
+    """A Glance stand-in across the test network with two tokens (neither sees the other's
+    images)."""
+    standin = GlanceStandin(glance_dir, tokens=(TOKEN, OTHER_TOKEN), host=network.far_host,
+                            sock=await network.listen_async())
     await standin.start()
     yield standin
     await standin.stop()
