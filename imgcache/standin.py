@@ -98,12 +98,14 @@ class StandinImage:
     reader_tokens: set[str] = field(default_factory=set)
     meta_size: int | None = None
     name: str = ""
+    properties: dict[str, str] = field(default_factory=dict)  # extra (custom) properties
     created_at: str = field(default_factory=_now)
     updated_at: str = field(default_factory=_now)
 
     def doc(self) -> dict[str, Any]:
         """Return the image as Glance's `GET /v2/images/{id}` JSON document."""
         return {
+            **self.properties,
             "id": self.id,
             "name": self.name,
             "status": self.status,
@@ -406,6 +408,7 @@ class GlanceStandin:
         owner_tokens: Iterable[str] | None = None,
         visibility: str = "private",
         status: str = "active",
+        properties: dict[str, str] | None = None,
         hash_algo: str | None = "sha512",
         checksum: bool = True,
     ) -> StandinImage:
@@ -415,6 +418,7 @@ class GlanceStandin:
         file under data_dir. Writing and hashing run in a thread. `hash_algo=None` leaves
         os_hash_algo/os_hash_value null (like a location-API image); `checksum=False` leaves
         the md5 checksum null. `owner_tokens` defaults to all of the stand-in's tokens.
+        `properties` are custom image properties, reported beside the standard ones.
         """
         if sum(x is not None for x in (data, path, size)) != 1:
             raise ValueError("give exactly one of data, path or size")
@@ -441,6 +445,7 @@ class GlanceStandin:
             status=status,
             visibility=visibility,
             owner_tokens=set(self.tokens if owner_tokens is None else owner_tokens),
+            properties=dict(properties or {}),
         )
         self.images[image_id] = image
         return image
