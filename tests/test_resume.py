@@ -9,6 +9,7 @@ import random
 import aiohttp
 import pytest
 from inloop import TOKEN, Imgcache, ImgcacheFactory
+from netlink.link import Network
 
 from imgcache.standin import Fault, GlanceStandin
 
@@ -85,10 +86,10 @@ async def test_retries_run_out_and_the_fill_fails_cleanly(
 
 
 async def test_a_retry_goes_to_the_next_upstream(
-    glance: GlanceStandin, imgcache_factory: ImgcacheFactory
+    glance: GlanceStandin, imgcache_factory: ImgcacheFactory, network: Network
 ) -> None:
-    # Both URLs reach the same stand-in; the retry's request must use the second one.
-    second = glance.url.replace("127.0.0.1", "localhost")
+    # Both URLs reach the same stand-in (by two names); the retry's request must use the second.
+    second = glance.url.replace(network.far_host, network.far_alias)
     imgcache = await imgcache_factory(upstream=f"{glance.url},{second}",
                                       retry_backoff="0.05s")
     image = await glance.add_image(size=4 * MiB)
@@ -97,7 +98,8 @@ async def test_a_retry_goes_to_the_next_upstream(
     assert status == 200 and sha512(body) == image.os_hash_value
     hosts = [r.headers.get("Host", "") for r in glance.requests
              if r.path.endswith("/file") and r.headers.get("Range") != "bytes=0-0"]
-    assert hosts[0].startswith("127.0.0.1") and hosts[1].startswith("localhost")
+    assert hosts[0].startswith(f"{network.far_host}:")
+    assert hosts[1].startswith(f"{network.far_alias}:")
 
 
 async def test_resets_at_random_offsets_all_heal(
