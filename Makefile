@@ -25,15 +25,16 @@ serve: setup
 demo: setup
 	$(BIN)/imgcache demo $(ARGS)
 
-## system-deps: curl and strace, which the process tests drive and watch imgcache with, and
-## tinyproxy (the binary only, no service), the forward proxy of tests/test_upstream_proxy.py
+## system-deps: curl and strace, which the process tests drive and watch imgcache with,
+## tinyproxy (the binary only, no service), the forward proxy of tests/test_upstream_proxy.py,
+## and iproute2's ip, which builds the emulated link of tests/netlink
 system-deps:
 	@command -v curl >/dev/null && command -v strace >/dev/null \
-	  && command -v tinyproxy >/dev/null || { \
+	  && command -v tinyproxy >/dev/null && command -v ip >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq \
-	    && apt-get install -y -qq curl strace tinyproxy-bin; \
-	  else echo "install curl, strace and tinyproxy" \
-	    "(apt-get install curl strace tinyproxy-bin)" >&2; exit 1; fi; }
+	    && apt-get install -y -qq curl strace tinyproxy-bin iproute2; \
+	  else echo "install curl, strace, tinyproxy and iproute2" \
+	    "(apt-get install curl strace tinyproxy-bin iproute2)" >&2; exit 1; fi; }
 
 ## systemd-deps: systemd-analyze, which checks systemd/imgcache.service (Debian's systemd;
 ## installing it in a container without systemd running starts nothing)

@@ -88,15 +88,20 @@ def start_gunicorn(
     workers: int = 2,
     port: int = 0,
     preload: bool = False,
+    host: str = "127.0.0.1",
+    command_prefix: Sequence[str] = (),
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """Start ``gunicorn APP`` of ``venv`` on 127.0.0.1 (``port``, or a free one) in its own
+    """Start ``gunicorn APP`` of ``venv`` on ``host`` (``port``, or a free one) in its own
     process group, its output appended to ``server_log``; return the process and the port.
-    ``preload`` imports the app once in the master instead of once per worker."""
+    ``preload`` imports the app once in the master instead of once per worker;
+    ``command_prefix`` (e.g. ``ip netns exec NETNS``) runs gunicorn through a wrapper that
+    execs it."""
     port = port or free_port()
     # fmt: off
     cmd = [
+        *command_prefix,
         venv / "bin" / "gunicorn",
-        "--bind", f"127.0.0.1:{port}",
+        "--bind", f"{host}:{port}",
         "--workers", str(workers),
         "--timeout", "300",
         "--no-control-socket",
@@ -154,15 +159,19 @@ def wait_until_answers(
 
 
 class GunicornApp:
-    """A WSGI app of ``venv`` under gunicorn on 127.0.0.1, run in ``state_dir``: gunicorn's
-    access log and output there (``access.log``, ``gunicorn.log``) next to the app's own
-    ``app_log``; its ``port`` and ``url`` once it is started."""
+    """A WSGI app of ``venv`` under gunicorn on ``host`` (127.0.0.1 unless told), run in
+    ``state_dir`` through ``command_prefix`` if any: gunicorn's access log and output there
+    (``access.log``, ``gunicorn.log``) next to the app's own ``app_log``; its ``port`` and
+    ``url`` once it is started."""
 
     def __init__(
-        self, state_dir: pathlib.Path, venv: pathlib.Path, app_log: pathlib.Path
+        self, state_dir: pathlib.Path, venv: pathlib.Path, app_log: pathlib.Path,
+        host: str = "127.0.0.1", command_prefix: Sequence[str] = (),
     ) -> None:
         self.state_dir = pathlib.Path(state_dir)
         self.venv = venv
+        self.host = host
+        self.command_prefix = tuple(command_prefix)
         self.port = 0
         self.url = ""
         self.access_log = self.state_dir / "access.log"
@@ -199,8 +208,10 @@ class GunicornApp:
             workers=workers,
             port=port,
             preload=preload,
+            host=self.host,
+            command_prefix=self.command_prefix,
         )
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{self.host}:{self.port}"
         try:
             wait_until_answers(self._proc, f"{self.url}{health_path}", timeout, what)
         except RuntimeError as exc:

@@ -1,4 +1,5 @@
-"""Run a real glance-api (installed from PyPI by setup-venv.sh) on loopback for tests.
+"""Run a real glance-api (installed from PyPI by setup-venv.sh) for tests, on loopback or at the
+far end of the test network (tests/netlink).
 
 Standard library only: the tests run in the project's venv, Glance runs in its own
 (see tests/glance/setup-venv.sh and openstack_venv.py). Everything here blocks; use it from
@@ -12,7 +13,7 @@ import json
 import pathlib
 import re
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from openstack_venv import GunicornApp, clean_env, glance_venv, run_manage, write_ini
@@ -44,7 +45,8 @@ enforce_scope = False
 
 
 class RealGlance(GunicornApp):
-    """A real glance-api (file store, sqlite) running under gunicorn on loopback; no keystone
+    """A real glance-api (file store, sqlite) running under gunicorn on ``host`` (loopback
+    unless told; ``command_prefix`` runs it elsewhere, e.g. in a network namespace); no keystone
     unless ``overrides`` configure it (see tests/interop/stack.py)."""
 
     def __init__(
@@ -53,10 +55,13 @@ class RealGlance(GunicornApp):
         venv: pathlib.Path | None = None,
         overrides: Mapping[str, Mapping[str, str]] | None = None,
         workers: int = 2,
+        host: str = "127.0.0.1",
+        command_prefix: Sequence[str] = (),
     ) -> None:
         state_dir = pathlib.Path(state_dir)
         self.glance_log = state_dir / "glance-api.log"
-        super().__init__(state_dir, venv if venv is not None else glance_venv(), self.glance_log)
+        super().__init__(state_dir, venv if venv is not None else glance_venv(), self.glance_log,
+                         host, command_prefix)
         self.overrides = overrides or {}
         self.workers = workers
         self.venv_python = self.venv / "bin" / "python"
@@ -111,7 +116,7 @@ class RealGlance(GunicornApp):
         headers: dict[str, str] | None = None,
         expect: tuple[int, ...] = (200,),
     ) -> bytes:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=120)
         try:
             conn.request(method, path, body=body, headers=headers or {})
             resp = conn.getresponse()

@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
+from netlink.link import Network
 from processes import ImgcacheProcess
 from realglance import RealGlance
 
@@ -25,9 +26,11 @@ MiB = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
-def glance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealGlance]:
+def glance(tmp_path_factory: pytest.TempPathFactory, network: Network) -> Iterator[RealGlance]:
+    # At the far end of the test network: imgcache and the clients reach it over the link.
     try:
-        server = RealGlance(tmp_path_factory.mktemp("glance"))
+        server = RealGlance(tmp_path_factory.mktemp("glance"), host=network.far_host,
+                            command_prefix=network.command_prefix())
         server.start()
     except RuntimeError as exc:  # no venv, or Glance would not start: fail, never skip
         raise pytest.fail.Exception(str(exc), pytrace=False) from None

@@ -1,6 +1,7 @@
 """Fixtures of the interop suite: one real Keystone + Glance for the whole session, a relay
-between imgcache and Glance that can hold a fill in flight, and a fresh ``imgcache serve``
-process per test.
+between imgcache and Glance that can hold a fill in flight (across the test network, so that
+imgcache reaches Glance over the emulated link), and a fresh ``imgcache serve`` process per
+test.
 
 A stack that cannot start fails every interop test with the reason; nothing is skipped."""
 
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from harness import DECISION_TTL, ImageFile, Imgcache
+from netlink.link import Network
 from relay import Relay
 from stack import Clients, Stack, User
 
@@ -35,10 +37,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 @pytest.fixture(scope="session")
-def relay(stack: Stack) -> Iterator[Relay]:
-    """A relay in front of Glance, for imgcache to use as its upstream."""
+def relay(stack: Stack, network: Network) -> Iterator[Relay]:
+    """A relay in front of Glance at the far end of the test network, for imgcache to use as
+    its upstream: imgcache -> link -> relay -> Glance (on loopback)."""
     assert stack.glance is not None
-    server = Relay(stack.glance.port)
+    server = Relay(stack.glance.port, listener=network.listen(), host=network.far_host)
     try:
         yield server
     finally:

@@ -1,5 +1,6 @@
-"""A TCP relay on loopback that can hold large responses: slotted between imgcache and Glance,
-it keeps a cache fill in flight for as long as a test needs (Glance itself is too fast)."""
+"""A TCP relay that can hold large responses: slotted between imgcache and Glance, it keeps a
+cache fill in flight for as long as a test needs (Glance itself is too fast). It listens where
+it is told (the far end of the test network) and reaches Glance on loopback."""
 
 from __future__ import annotations
 
@@ -14,18 +15,20 @@ CHUNK = 64 * 1024
 
 
 class Relay:
-    """Relays every connection made to ``127.0.0.1:port`` to ``127.0.0.1:target_port``.
+    """Relays every connection made to ``listener`` (a listening socket, by default a new one
+    on 127.0.0.1; ``host`` names it in ``url``) to ``127.0.0.1:target_port``.
 
     While ``hold()`` is in force, an answer stops being relayed once more than ``threshold``
     bytes of it have gone through (metadata answers are far smaller and pass); ``release()``
     lets it go on. Requests always pass."""
 
-    def __init__(self, target_port: int, threshold: int = 1 << 20) -> None:
+    def __init__(self, target_port: int, threshold: int = 1 << 20,
+                 listener: socket.socket | None = None, host: str = "127.0.0.1") -> None:
         self.target_port = target_port
         self.threshold = threshold
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = listener or socket.create_server((host, 0))
         self.port: int = self._listener.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
         self._open = threading.Event()
         self._open.set()
         self._changed = threading.Condition()
