@@ -115,8 +115,9 @@ def test_no_packet_larger_than_the_mtu_crosses_the_link(link: Link) -> None:
             ">1500", 0)
 
 
+@pytest.mark.usefixtures("link")  # the control of the test above, where that one runs
 def test_the_capture_sees_loopback_super_frames() -> None:
-    # The control of the test above: the same capture on loopback sees 64 KiB segments.
+    # The same capture on loopback sees 64 KiB segments: it would see them on the link too.
     lo = Capture(packet_socket(), "lo")
     with socket.create_server(("127.0.0.1", 0)) as listener:
         exchange(listener, "127.0.0.1", 16 * MiB)

@@ -23,8 +23,12 @@ _RESULT = pytest.StashKey[list[str]]()
 
 
 def _warn(config: pytest.Config, message: str) -> None:
+    """Print ``message`` now, past pytest's output capture (fixtures run captured)."""
     reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None:
+        return
+    with capture.global_and_fixture_disabled():
         reporter.write_line("")
         reporter.write_line(f"WARNING: {message}", yellow=True, bold=True)
 
