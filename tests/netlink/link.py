@@ -323,7 +323,15 @@ class Link:
         stay there for good); its future."""
         if self._pool is None:
             raise LinkError("the link is not open")
+        self._check_forwarder()
         return self._pool.submit(func, *args)
+
+    def _check_forwarder(self) -> None:
+        """Raise LinkError if the forwarder has died: nothing crosses the link any more."""
+        forwarder = self._forwarder
+        if forwarder is None or forwarder.poll() is not None:
+            code = forwarder.returncode if forwarder is not None else None
+            raise LinkError(f"the link's forwarder has exited (code {code})")
 
     def listen(self, port: int = 0) -> socket.socket:
         """A listening TCP socket in the far namespace, on all its addresses."""
@@ -339,9 +347,9 @@ class Link:
 
     def stats(self) -> dict[str, Any]:
         """The forwarder's counters, each way: packets, bytes, largest packet, reorders..."""
+        self._check_forwarder()
         forwarder = self._forwarder
-        if forwarder is None or forwarder.stdin is None or forwarder.stdout is None:
-            raise LinkError("the link is not open")
+        assert forwarder is not None and forwarder.stdin and forwarder.stdout
         forwarder.stdin.write("stats\n")
         forwarder.stdin.flush()
         answer: dict[str, Any] = json.loads(forwarder.stdout.readline())
