@@ -171,9 +171,10 @@ def test_round_trips_show_the_delay_and_its_jitter(link: Link, far_udp: socket.s
     p5, median, p95 = quantiles[0], statistics.median(rtts), quantiles[-1]
     shown = f"RTT min {min(rtts) * 1e3:.2f} p5 {p5 * 1e3:.2f} median {median * 1e3:.2f} " \
             f"p95 {p95 * 1e3:.2f} ms"
-    # Two one-way delays, each delay +- jitter (uniform): the sum spreads over 4 x jitter.
+    # Two one-way delays, each delay +- jitter (uniform): the sum spreads over 4 x jitter. No
+    # round trip beats the link's minimum; a busy machine adds to it, hence the loose ceiling.
     assert min(rtts) >= 2 * (s.delay - s.jitter), shown
-    assert 2 * s.delay * 0.9 <= median <= 2 * s.delay + 0.001, shown
+    assert 2 * s.delay * 0.9 <= median <= 2 * (s.delay + s.jitter), shown
     assert p95 - p5 >= 1.5 * s.jitter, shown
 
 
