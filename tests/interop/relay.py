@@ -15,8 +15,8 @@ CHUNK = 64 * 1024
 
 
 class Relay:
-    """Relays every connection made to ``listener`` (a listening socket, by default a new one
-    on 127.0.0.1; ``host`` names it in ``url``) to ``127.0.0.1:target_port``.
+    """Relays every connection made to ``listener`` (a listening socket; by default a new one
+    on ``host``, which names it in ``url`` either way) to ``127.0.0.1:target_port``.
 
     While ``hold()`` is in force, an answer stops being relayed once more than ``threshold``
     bytes of it have gone through (metadata answers are far smaller and pass); ``release()``
