@@ -23,7 +23,9 @@ from imgcache.authorize import Authorizer
 from imgcache.config import Settings, format_size
 from imgcache.errors import ConfigError
 from imgcache.fill import FillRegistry
+from imgcache.glance_cache import CACHE_API, CacheApi, serve_cache_api, serve_versions
 from imgcache.handlers import SERVICES, Services, dispatch
+from imgcache.keystone import KeystoneRoles
 from imgcache.logs import setup_logging
 from imgcache.metrics import Metrics
 from imgcache.notify import SystemdNotifier
@@ -120,6 +122,11 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
             pipeline=pipeline,
         )
         app[SERVICES] = services
+        roles = KeystoneRoles(upstream, settings.cache_api_roles, settings.keystone_url,
+                              settings.decision_ttl, connect_timeout=settings.connect_timeout,
+                              read_timeout=settings.read_timeout, ssl_context=tls)
+        await roles.start()
+        app[CACHE_API] = CacheApi(roles)
         scrub = (asyncio.get_running_loop().create_task(
             verifier.scrub_forever(settings.scrub_interval, settings.scrub_rate))
             if settings.scrub_interval else None)
@@ -129,6 +136,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
         await services.prefetcher.close()
         await fills.close()
         verifier.close()
+        await roles.close()
         await upstream.close()
         await open_files.close()
         await store.close()
@@ -136,6 +144,10 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
             pool.shutdown(wait=False, cancel_futures=True)
 
     app.cleanup_ctx.append(lifecycle)
+    if settings.cache_api_roles:  # Glance's cache API; with no role it goes to Glance
+        app.router.add_route("*", "/v2/cache{tail:(/.*)?}", serve_cache_api)
+        for path in ("/", "/versions"):
+            app.router.add_get(path, serve_versions, allow_head=False)
     app.router.add_route("*", "/{tail:.*}", dispatch)
     return app
 
@@ -223,6 +235,7 @@ def apply_reload(served: Running, old: Settings, new: Settings) -> Settings:
         services.authorizer.set_ttl(new.decision_ttl)
     if "policy_check" in applied:
         services.authorizer.set_policy_check(new.policy_check)
+        served.proxy_app[CACHE_API].roles.set_ttl(new.decision_ttl)
     if {"retries", "retry_backoff"} & applied.keys():
         services.fills.set_retry_policy(new.retries, new.retry_backoff)
     if {"log_level", "log_format"} & applied.keys():

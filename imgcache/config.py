@@ -81,6 +81,23 @@ def parse_proxy(text: str) -> str | None:
     return text
 
 
+def parse_optional_url(text: str) -> str | None:
+    """Parse one http(s) base URL, dropping a trailing slash; empty means not set."""
+    if not text.strip():
+        return None
+    if "," in text:
+        raise ValueError("expected one URL, not a list")
+    return parse_urls(text)[0]
+
+
+def parse_roles(text: str) -> frozenset[str]:
+    """Parse a comma-separated list of Keystone role names (empty: none)."""
+    roles = frozenset(r.strip() for r in text.split(",") if r.strip())
+    if any(not re.fullmatch(r"[\w.:-]+", role) for role in roles):
+        raise ValueError("expected role names such as admin, or admin,image_cache_admin")
+    return roles
+
+
 def parse_optional_path(text: str) -> Path | None:
     """Parse a file path; empty means not set."""
     return Path(text.strip()) if text.strip() else None
@@ -239,6 +256,12 @@ OPTIONS: tuple[Option, ...] = (
            "socket_group)."),
     Option("admin_socket_group", "admin", "socket_group", "admin-socket-group", str, "",
            "Group given access to the management socket (empty: none)."),
+    Option("cache_api_roles", "cache_api", "roles", "cache-api-roles", parse_roles, "admin",
+           "Keystone roles (comma-separated) a token needs one of to use Glance's cache API "
+           "(/v2/cache) on the listener; empty turns that API off (passed to Glance)."),
+    Option("keystone_url", "cache_api", "keystone_url", "keystone-url", parse_optional_url, "",
+           "Keystone URL that checks the cache API's tokens; empty: the one Glance names in "
+           "its 401 answers (WWW-Authenticate: Keystone uri=...)."),
     Option("prefetch_concurrency", "admin", "prefetch_concurrency", "prefetch-concurrency",
            _positive(_nonnegative_int), "2", "Prefetches downloading at the same time."),
     Option("log_level", "logging", "level", "log-level", parse_log_level, "info",
@@ -274,6 +297,8 @@ class Settings:
     admin_socket: Path
     admin_socket_mode: int
     admin_socket_group: str
+    cache_api_roles: frozenset[str]
+    keystone_url: str | None
     prefetch_concurrency: int
     log_level: str
     log_format: str

@@ -69,7 +69,7 @@ class Metrics:
             "imgcache_verified_bytes", "Bytes of cached files re-hashed by verify or the "
             "background scrub.", registry=r)
         self.prefetches = Counter(
-            "imgcache_prefetches", "Finished prefetches by outcome (cached, failed).",
+            "imgcache_prefetches", "Finished prefetches by outcome (cached, failed, withdrawn).",
             ["outcome"], registry=r)
         self.verifications = Counter(
             "imgcache_verifications", "Committed fills by the check they passed; size_only "
@@ -88,7 +88,7 @@ class Metrics:
             self.served_bytes.labels(result)
         for outcome in FILL_OUTCOMES:
             self.fills.labels(outcome)
-        for outcome in ("cached", "failed"):
+        for outcome in ("cached", "failed", "withdrawn"):
             self.prefetches.labels(outcome)
         for how in ("range", "restart"):
             self.fill_resumes.labels(how)

@@ -35,7 +35,7 @@ class PrefetchJob:
     token: str = field(repr=False)
     job_id: int = field(default_factory=lambda: next(_job_ids))
     pin: bool = False
-    state: str = "queued"  # queued, running, cached, failed
+    state: str = "queued"  # queued, running, cached, failed, withdrawn
     error: str = ""
     size: int = 0
     queued_at: float = field(default_factory=time.time)
@@ -77,6 +77,23 @@ class Prefetcher:
         """Queued and running jobs, then recently finished ones."""
         return [*self._active, *self._finished]
 
+    def pending_ids(self) -> list[str]:
+        """Ids of images with a queued or running job, each once, oldest first."""
+        return list(dict.fromkeys(job.image_id for job in self._active))
+
+    def withdraw(self, image_id: str | None = None) -> int:
+        """Withdraw the queued and running jobs of an image (of every image when None): a
+        queued job will not run, and a running one's image is evicted once its download
+        ends (the download itself goes on for the clients reading it). Returns how many."""
+        withdrawn = [job for job in self._active
+                     if image_id is None or job.image_id == image_id]
+        for job in withdrawn:
+            if job.state == "queued":
+                self._end(job, "withdrawn")
+            else:
+                job.state = "withdrawn"
+        return len(withdrawn)
+
     async def close(self) -> None:
         """Stop the workers (running fills go on until the registry closes)."""
         for worker in self._workers:
@@ -86,18 +103,28 @@ class Prefetcher:
     async def _work(self) -> None:
         while True:
             job = await self._queue.get()
+            if job.state == "withdrawn":
+                continue  # withdrawn while queued: already ended
             job.state = "running"
+            outcome = "failed"
             try:
                 await self._prefetch(job)
-                job.state = "cached"
+                outcome = "cached"
             except (Denied, ImgcacheError, NoSpace) as exc:
-                job.state, job.error = "failed", _reason(exc)
+                job.error = _reason(exc)
                 log.warning("prefetch of %s failed: %s", job.image_id, job.error)
             finally:
-                self._metrics.prefetches.labels(
-                    "cached" if job.state == "cached" else "failed").inc()
-                self._active.remove(job)
-                self._finished.append(job)
+                if job.state == "withdrawn":
+                    if outcome == "cached":
+                        self._store.remove(job.image_id)
+                    outcome = "withdrawn"
+                self._end(job, outcome)
+
+    def _end(self, job: PrefetchJob, state: str) -> None:
+        job.state = state
+        self._metrics.prefetches.labels(state).inc()
+        self._active.remove(job)
+        self._finished.append(job)
 
     async def _prefetch(self, job: PrefetchJob) -> None:
         headers = {"X-Auth-Token": job.token}
