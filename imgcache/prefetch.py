@@ -79,14 +79,15 @@ class Prefetcher:
 
     def pending_ids(self) -> list[str]:
         """Ids of images with a queued or running job, each once, oldest first."""
-        return list(dict.fromkeys(job.image_id for job in self._active))
+        return list(dict.fromkeys(job.image_id for job in self._active
+                                  if job.state != "withdrawn"))
 
     def withdraw(self, image_id: str | None = None) -> int:
         """Withdraw the queued and running jobs of an image (of every image when None): a
         queued job will not run, and a running one's image is evicted once its download
         ends (the download itself goes on for the clients reading it). Returns how many."""
-        withdrawn = [job for job in self._active
-                     if image_id is None or job.image_id == image_id]
+        withdrawn = [job for job in self._active if job.state != "withdrawn"
+                     and (image_id is None or job.image_id == image_id)]
         for job in withdrawn:
             if job.state == "queued":
                 self._end(job, "withdrawn")
