@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
@@ -25,6 +25,7 @@ from imgcache.errors import ConfigError
 from imgcache.fill import FillRegistry
 from imgcache.glance_cache import CACHE_API, CacheApi, serve_cache_api, serve_versions
 from imgcache.handlers import SERVICES, Services, dispatch
+from imgcache.health import readiness
 from imgcache.keystone import KeystoneRoles
 from imgcache.logs import setup_logging
 from imgcache.metrics import Metrics
@@ -152,8 +153,11 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     return app
 
 
-def create_metrics_app(metrics: Metrics) -> web.Application:
-    """The Prometheus listener: ``/metrics`` and ``/healthz``."""
+def create_metrics_app(metrics: Metrics,
+                       ready: Callable[[], Awaitable[tuple[bool, dict[str, str]]]]
+                       ) -> web.Application:
+    """The Prometheus listener: ``/metrics``, ``/healthz`` (liveness) and ``/readyz``
+    (readiness: ``ready()`` says whether Glance answers and the cache takes writes)."""
     app = web.Application()
 
     async def serve_metrics(_: web.Request) -> web.Response:
@@ -163,8 +167,14 @@ def create_metrics_app(metrics: Metrics) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
+    async def readyz(_: web.Request) -> web.Response:
+        is_ready, checks = await ready()
+        return web.json_response({"status": "ready" if is_ready else "not ready",
+                                  "checks": checks}, status=200 if is_ready else 503)
+
     app.router.add_get("/metrics", serve_metrics)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     return app
 
 
@@ -189,7 +199,8 @@ async def running(settings: Settings) -> AsyncIterator[Running]:
     metrics = Metrics()
     proxy_app = create_app(settings, metrics)
     proxy = web.AppRunner(proxy_app, access_log=None, shutdown_timeout=settings.drain_grace)
-    monitor = web.AppRunner(create_metrics_app(metrics), access_log=None)
+    monitor = web.AppRunner(
+        create_metrics_app(metrics, lambda: readiness(proxy_app[SERVICES])), access_log=None)
     await proxy.setup()
     admin: web.AppRunner | None = None
     try:
