@@ -42,6 +42,7 @@ def create_admin_app(services: Services, allowed_gid: int | None) -> web.Applica
         web.post("/v1/pin/{image_id}", pin),
         web.post("/v1/unpin/{image_id}", unpin),
         web.post("/v1/verify", verify),
+        web.get("/v1/verify/{run_id}", verify_run),
         web.get("/v1/stats", stats),
     ]
     app.add_routes(routes)
@@ -203,15 +204,27 @@ async def unpin(request: web.Request) -> web.Response:
 
 
 async def verify(request: web.Request) -> web.Response:
-    """Re-hash cached files (all, or the given ids); corrupt ones are evicted."""
+    """Start re-hashing cached files (all, or the given ids) in the background; corrupt
+    ones are evicted. The answer names the run, whose progress ``/v1/verify/{id}`` gives."""
     services = _services(request)
     ids = _ids(await _json_body(request))
     entries = services.store.entries() if not ids else [
         e for i in ids if (e := services.store.get(i)) is not None]
-    results = {i: "not cached" for i in ids}
-    for entry in entries:
-        results[entry.image_id] = await services.verifier.verify(entry)
-    return web.json_response({"results": results})
+    cached = {e.image_id for e in entries}
+    run = services.verifier.start_run(entries, [i for i in ids if i not in cached])
+    return web.json_response({"run": run.describe()}, status=202)
+
+
+async def verify_run(request: web.Request) -> web.Response:
+    """Progress and results of a verification run."""
+    try:
+        run = _services(request).verifier.run(int(request.match_info["run_id"]))
+    except ValueError:
+        run = None
+    if run is None:
+        raise ImgcacheError("no such verification run (only the last 10 are kept)",
+                            status=404)
+    return web.json_response({"run": run.describe()})
 
 
 async def stats(request: web.Request) -> web.Response:

@@ -57,6 +57,8 @@ PIPELINE_THREADS_STARTED = 16
 #: Biggest request head a client may send (request line plus headers).
 MAX_HEADER_BYTES = 64 * 1024
 #: Settings a SIGHUP applies to the running server; the others need a restart.
+#: Settings that are byte counts (logged in human units).
+SIZE_SETTINGS = frozenset({"max_size", "scrub_rate"})
 RELOADABLE = frozenset({"max_size", "decision_ttl", "policy_check", "log_level",
                         "log_format", "retries", "retry_backoff"})
 
@@ -227,6 +229,13 @@ def _url(runner: web.AppRunner) -> str:
     return f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
 
 
+def _shown(name: str, value: object) -> str:
+    """A setting's value for the reload log: sizes in human units."""
+    if name in SIZE_SETTINGS and isinstance(value, int):
+        return format_size(value)
+    return repr(value)
+
+
 def apply_reload(served: Running, old: Settings, new: Settings) -> Settings:
     """Apply what a SIGHUP may change live; log each change and what needs a restart."""
     services = served.services
@@ -236,7 +245,8 @@ def apply_reload(served: Running, old: Settings, new: Settings) -> Settings:
             log.warning("reload: %s changed but needs a restart to apply; keeping %r",
                         name, getattr(old, name))
             continue
-        log.info("reload: %s %r -> %r", name, getattr(old, name), getattr(new, name))
+        log.info("reload: %s %s -> %s", name, _shown(name, getattr(old, name)),
+                 _shown(name, getattr(new, name)))
     if not changed:
         log.info("reload: configuration unchanged")
     applied = {name: getattr(new, name) for name in changed if name in RELOADABLE}
@@ -244,9 +254,9 @@ def apply_reload(served: Running, old: Settings, new: Settings) -> Settings:
         services.store.set_max_bytes(new.max_size)
     if "decision_ttl" in applied:
         services.authorizer.set_ttl(new.decision_ttl)
+        served.proxy_app[CACHE_API].roles.set_ttl(new.decision_ttl)
     if "policy_check" in applied:
         services.authorizer.set_policy_check(new.policy_check)
-        served.proxy_app[CACHE_API].roles.set_ttl(new.decision_ttl)
     if {"retries", "retry_backoff"} & applied.keys():
         services.fills.set_retry_policy(new.retries, new.retry_backoff)
     if {"log_level", "log_format"} & applied.keys():

@@ -1,5 +1,6 @@
 """The management commands of the ``imgcache`` CLI: a small client of the server's
-management API on its unix socket (standard library only, so it starts fast)."""
+management API on its unix socket (standard library only, so it starts fast; tqdm is
+loaded only to draw a progress bar on a terminal)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from imgcache.config import load_settings
+from imgcache.config import format_size, load_settings
 from imgcache.errors import ConfigError
+from imgcache.progress import Progress
+
+#: Seconds between two looks at a running prefetch or verification.
+_POLL = 0.5
+#: States in which a prefetch job is over.
+_ENDED = ("cached", "failed", "withdrawn")
 
 
 class NotRunning(Exception):
@@ -124,7 +131,7 @@ def run_command(args: argparse.Namespace) -> int:
 def _failed(answer: Any) -> bool:
     jobs = answer.get("jobs", []) if isinstance(answer, dict) else []
     results = answer.get("results", {}) if isinstance(answer, dict) else {}
-    return any(job["state"] == "failed" for job in jobs) or any(
+    return any(job["state"] != "cached" for job in jobs if job["state"] in _ENDED) or any(
         r != "ok" for r in results.values())
 
 
@@ -139,13 +146,38 @@ def _token(args: argparse.Namespace) -> str:
 def _prefetch(client: AdminClient, args: argparse.Namespace, pin: bool = False) -> Any:
     answer = client.call("POST", "/v1/prefetch",
                          {"image_ids": args.image_ids, "token": _token(args), "pin": pin})
+    if not args.wait:
+        return answer
     wanted = {job["job_id"] for job in answer["jobs"]}
-    while args.wait:
-        jobs = [j for j in client.call("GET", "/v1/queue")["jobs"] if j["job_id"] in wanted]
-        if all(j["state"] in ("cached", "failed") for j in jobs):
-            return {"jobs": jobs}
-        time.sleep(0.5)
-    return answer
+    progress = Progress("pin" if pin else "prefetch")
+    try:
+        while True:
+            jobs = [j for j in client.call("GET", "/v1/queue")["jobs"]
+                    if j["job_id"] in wanted]
+            ended = [j for j in jobs if j["state"] in _ENDED]
+            progress.update(sum(j["size"] if j["state"] == "cached" else j["written"]
+                                for j in jobs), sum(j["size"] for j in jobs),
+                            f"{len(ended)} of {len(jobs)} images done")
+            if len(ended) == len(jobs):
+                return {"jobs": jobs}
+            time.sleep(_POLL)
+    finally:
+        progress.close()
+
+
+def _verify(client: AdminClient, args: argparse.Namespace) -> Any:
+    run = client.call("POST", "/v1/verify", {"image_ids": args.image_ids})["run"]
+    progress = Progress("verify")
+    try:
+        while True:
+            checked = sum(r != "not cached" for r in run["results"].values())
+            progress.update(run["done_bytes"], run["total_bytes"], f"{checked} images checked")
+            if run["state"] == "done":
+                return {"results": run["results"]}
+            time.sleep(_POLL)
+            run = client.call("GET", f"/v1/verify/{run['run_id']}")["run"]
+    finally:
+        progress.close()
 
 
 def _pin(client: AdminClient, args: argparse.Namespace) -> Any:
@@ -170,21 +202,13 @@ _COMMANDS = {
     "evict": lambda c, a: {"evicted": [c.call("DELETE", f"/v1/entries/{i}")["evicted"]
                                        for i in a.image_ids]},
     "clear": lambda c, a: c.call("DELETE", "/v1/entries" + ("?pinned=1" if a.pinned else "")),
-    "verify": lambda c, a: c.call("POST", "/v1/verify", {"image_ids": a.image_ids}),
+    "verify": _verify,
     "stats": lambda c, a: c.call("GET", "/v1/stats"),
 }
 
 
 def _when(timestamp: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
-
-
-def _size(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if count < 1024 or unit == "TiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return str(count)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -195,21 +219,21 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 def _jobs(answer: dict[str, Any]) -> str:
     return _table([[j["image_id"], j["state"], "yes" if j["pin"] else "no",
-                    f"{_size(j['written'])} / {_size(j['size'])}", j["error"]]
+                    f"{format_size(j['written'])} / {format_size(j['size'])}", j["error"]]
                    for j in answer.get("jobs", [])],
                   ["ID", "STATE", "PIN", "PROGRESS", "ERROR"])
 
 
 _HUMAN = {
     "list": lambda a: _table(
-        [[e["image_id"], _size(e["size"]), _when(e["last_access"]), str(e["hits"]),
+        [[e["image_id"], format_size(e["size"]), _when(e["last_access"]), str(e["hits"]),
           "yes" if e["pinned"] else "no", _when(e["verified_at"])] for e in a["entries"]],
         ["ID", "SIZE", "LAST ACCESS", "HITS", "PINNED", "LAST VERIFIED"]),
     "prefetch": _jobs,
     "pin": lambda a: "\n".join([*(f"pinned {e['image_id']}" for e in a["pinned"]),
                                 *([_jobs(a)] if a.get("jobs") else [])]),
     "queue": lambda a: "downloads in flight:\n" + _table(
-        [[f["image_id"], f"{_size(f['written'])} / {_size(f['size'])}",
+        [[f["image_id"], f"{format_size(f['written'])} / {format_size(f['size'])}",
           "verified" if f["verified"] else "downloading"] for f in a["fills"]],
         ["ID", "PROGRESS", "STATE"]) + "\n\nprefetches:\n" + _jobs(a),
     "unpin": lambda a: "\n".join(f"unpinned {e['image_id']}" for e in a["unpinned"]),
@@ -218,14 +242,14 @@ _HUMAN = {
     "verify": lambda a: "\n".join(f"{i}  {r}" for i, r in a["results"].items())
     or "nothing cached",
     "stats": lambda a: "\n".join([
-        f"cache:       {_size(a['cache_bytes'])} of {_size(a['max_bytes'])} "
-        f"({_size(a['pinned_bytes'])} pinned), {a['entries']} images"
-        + (f"; {_size(a['over_cap_bytes'])} OVER THE CAP that cannot be evicted (unpin "
+        f"cache:       {format_size(a['cache_bytes'])} of {format_size(a['max_bytes'])} "
+        f"({format_size(a['pinned_bytes'])} pinned), {a['entries']} images"
+        + (f"; {format_size(a['over_cap_bytes'])} OVER THE CAP that cannot be evicted (unpin "
            "images or raise [cache] max_size)" if a.get("over_cap_bytes") else ""),
         f"in flight:   {a['fills_in_progress']} downloads",
         "requests:    " + ", ".join(f"{k} {v:.0f}" for k, v in a["requests"].items()),
         "hit ratio:   " + ("-" if a["hit_ratio"] is None else f"{a['hit_ratio']:.1%}"),
-        f"bytes saved: {_size(a['bytes_saved'])} ({_size(a['bytes_served'])} served, "
-        f"{_size(a['bytes_from_glance'])} from Glance)",
+        f"bytes saved: {format_size(a['bytes_saved'])} ({format_size(a['bytes_served'])} served, "
+        f"{format_size(a['bytes_from_glance'])} from Glance)",
     ]),
 }

@@ -19,7 +19,7 @@ import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
 from imgcache.app import running
-from imgcache.config import load_settings, parse_size
+from imgcache.config import format_size, load_settings, parse_size
 from imgcache.standin import GlanceStandin
 
 TOKEN = "demo-token"
@@ -65,7 +65,7 @@ async def _demo(workdir: Path, clients: int, image_size: int) -> None:
     await glance.start()
     try:
         image = await glance.add_image(size=image_size)
-        print(f"Glance stand-in at {glance.url} holds image {image.id} ({image.size} bytes)")
+        print(f"Glance stand-in at {glance.url} holds image {image.id} ({format_size(image.size)})")
         settings = load_settings({
             "listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0", "upstream": glance.url,
             "cache_dir": str(workdir / "cache"), "max_size": str(4 * image_size),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,11 +65,11 @@ def expected_from_metadata(size: int, meta: dict[str, Any]) -> Expected:
 
 
 def hash_fd(fd: int, hasher: Any | None, length: int | None = None,
-            rate: float | None = None) -> int:
+            rate: float | None = None, progress: Callable[[int], None] | None = None) -> int:
     """Blocking (run it on a thread): feed the bytes of ``fd`` from offset 0 to ``hasher``
     (None: only count them), up to ``length`` bytes (None: to the end), reading at most
-    ``rate`` bytes per second. Returns how many bytes were read; fewer than ``length``
-    means the file is shorter."""
+    ``rate`` bytes per second and telling ``progress`` each chunk's size. Returns how many
+    bytes were read; fewer than ``length`` means the file is shorter."""
     started = time.monotonic()
     done = 0
     while length is None or done < length:
@@ -79,6 +80,8 @@ def hash_fd(fd: int, hasher: Any | None, length: int | None = None,
         if hasher is not None:
             hasher.update(chunk)
         done += len(chunk)
+        if progress is not None:
+            progress(len(chunk))
         if rate:
             ahead = done / rate - (time.monotonic() - started)
             if ahead > 0:

@@ -107,7 +107,7 @@ def test_sighup_reloads_what_can_change_and_refuses_a_bad_config(
         wait_for_http(server.metrics_url + "/healthz")
     finally:
         log = server.stop()
-    assert "reload: max_size 1073741824 -> 2147483648" in log
+    assert "reload: max_size 1.0 GiB -> 2.0 GiB" in log
     assert "reload: decision_ttl 30.0 -> 5.0" in log
     assert "reload: drain_grace changed but needs a restart" in log
     assert "reload refused, the running configuration is kept" in log
