@@ -234,7 +234,8 @@ OPTIONS: tuple[Option, ...] = (
            "Hard cap on the bytes of cached images; larger images are streamed through."),
     Option("decision_ttl", "auth", "decision_ttl", "decision-ttl",
            _nonnegative(parse_duration), "30s",
-           "How long Glance's 'allowed' answer for a (token, image) is reused; 0 asks every time."),
+           "How long Glance's 'allowed' for a (token, image), and Keystone's roles of a token "
+           "for the cache API, are reused; 0 asks every time."),
     Option("policy_check", "auth", "policy_check", "policy-check", parse_policy_check,
            "download",
            "What imgcache asks Glance before serving a cached image: download (its "

@@ -88,8 +88,22 @@ async def _demo(workdir: Path, clients: int, image_size: int) -> None:
                          "imgcache_upstream_bytes_total"):
                 print(f"  {name} = {samples[name]:.0f}")
             print(f"  imgcache_served_bytes_total (all results) = {served_bytes:.0f}")
+            print(_summary(samples, served_bytes))
     finally:
         await glance.stop()
+
+
+def _summary(samples: dict[str, float], served_bytes: float) -> str:
+    """The two figures that matter: the hit ratio and the bytes Glance did not send."""
+    counts = {r: samples[f'imgcache_requests_total{{result="{r}"}}']
+              for r in ("hit", "miss", "coalesced", "bypass")}
+    downloads = sum(counts.values())
+    ratio = counts["hit"] / downloads if downloads else 0.0
+    upstream = samples["imgcache_upstream_bytes_total"]
+    return (f"hit ratio {ratio:.0%} ({counts['hit']:.0f} of {downloads:.0f} downloads served "
+            f"from the cache, {counts['coalesced']:.0f} more joined a download in flight); "
+            f"Glance sent {format_size(upstream)} for {format_size(served_bytes)} served: "
+            f"{format_size(max(0.0, served_bytes - upstream))} it did not have to send")
 
 
 def run_demo(clients: int = 16, image_size: str = "64M") -> int:

@@ -197,6 +197,9 @@ def test_demo_runs_a_storm_with_one_glance_download() -> None:
     assert "6 verified against Glance's sha512, X-Cache-Status: COALESCED x5, MISS x1" \
         in done.stdout
     assert "X-Cache-Status: HIT x6" in done.stdout
+    assert ("hit ratio 50% (6 of 12 downloads served from the cache, 5 more joined a "
+            "download in flight); Glance sent 4.0 MiB for 48.0 MiB served: 44.0 MiB it did "
+            "not have to send") in done.stdout
 
 
 def test_json_logs_have_one_object_per_image_request_and_no_token(
