@@ -33,7 +33,7 @@ from imgcache.config import format_size
 from imgcache.errors import BadRequest, ImgcacheError
 from imgcache.handlers import SERVICES, Services, dispatch, error_response
 from imgcache.keys import parse_image_id
-from imgcache.keystone import Caller, KeystoneRoles, NotAuthenticated
+from imgcache.keystone import Caller, Forbidden, KeystoneRoles, NotAuthenticated
 from imgcache.upstream import end_to_end_headers
 
 log = logging.getLogger("imgcache.cache_api")
@@ -147,11 +147,13 @@ class CacheApi:
                                     body=denied.body)
         except ImgcacheError as exc:
             response = error_response(exc)
+            if isinstance(exc, Forbidden):
+                caller = exc.caller
             if isinstance(exc, NotAuthenticated) and self.roles.known_url:
                 response.headers["WWW-Authenticate"] = f'Keystone uri="{self.roles.known_url}"'
             if isinstance(exc, MethodNotAllowed):
                 response.headers["Allow"] = exc.allow
-        who = caller.describe() if caller else "a caller without the role"
+        who = caller.describe() if caller else "a caller Keystone did not identify"
         log.info("cache API: %s by %s: %d", what, who, response.status)
         return response
 

@@ -45,9 +45,14 @@ class NotAuthenticated(ImgcacheError):
 
 
 class Forbidden(ImgcacheError):
-    """The token is valid but holds none of the roles the cache API needs (403)."""
+    """The token is valid but holds none of the roles the cache API needs (403); ``caller``
+    is whom Keystone says it belongs to."""
 
     status = 403
+
+    def __init__(self, message: str, caller: Caller) -> None:
+        super().__init__(message)
+        self.caller = caller
 
 
 @dataclass(frozen=True)
@@ -156,7 +161,7 @@ class KeystoneRoles:
         if not caller.roles & self.roles:
             raise Forbidden(f"the cache API needs the role {' or '.join(sorted(self.roles))} "
                             f"([cache_api] roles); this token of {caller.describe()} has "
-                            f"{', '.join(sorted(caller.roles)) or 'no roles'}")
+                            f"{', '.join(sorted(caller.roles)) or 'no roles'}", caller)
         return caller
 
     async def validate(self, token: str) -> Caller:

@@ -219,36 +219,55 @@ def test_versions_document_offers_the_cache_api(stack: Stack, imgcache: Imgcache
         json.loads(through.body)
 
 
+def cache_operator(stack: Stack, project: User) -> User:
+    """A new user, member of ``project``'s project with the ``cache_operator`` role as well.
+    A new user, not a new role on an old one: each Keystone worker caches role assignments
+    for a while, so a role granted to a user it has seen may not be in its next token."""
+    admin_token = stack.token(stack.admin)
+    roles = {r["name"]: r["id"] for r in stack.keystone.api(admin_token, "GET",
+                                                             "/v3/roles")["roles"]}
+    if "cache_operator" not in roles:
+        roles["cache_operator"] = stack.keystone.api(admin_token, "POST", "/v3/roles", {
+            "role": {"name": "cache_operator"}})["role"]["id"]
+    user = User(f"operator-{uuid.uuid4().hex[:8]}", stack.PASSWORD, project.project,
+                project_id=project.project_id)
+    created = stack.keystone.api(admin_token, "POST", "/v3/users", {"user": {
+        "name": user.name, "password": user.password, "domain_id": "default",
+        "default_project_id": user.project_id}})["user"]
+    user.user_id = created["id"]
+    for role in ("member", "cache_operator"):
+        stack.keystone.api(admin_token, "PUT", f"/v3/projects/{user.project_id}/users/"
+                           f"{user.user_id}/roles/{roles[role]}")
+    return user
+
+
 def test_configured_role_and_glance_judges_the_queued_download(
     stack: Stack, clients: Clients, relay: Relay, alice: User, bob: User,
     image_file: Callable[[int], ImageFile], tmp_path: pathlib.Path,
 ) -> None:
     """A role of the operator's choosing, Keystone's URL given explicitly, and a queue
-    request judged by Glance with the caller's own token: bob may manage the cache but
-    cannot cache alice's private image, which Glance does not show him."""
-    admin_token = stack.token(stack.admin)
-    roles = stack.keystone.api(admin_token, "GET", "/v3/roles?name=cache_operator")["roles"]
-    role = roles[0] if roles else stack.keystone.api(
-        admin_token, "POST", "/v3/roles", {"role": {"name": "cache_operator"}})["role"]
-    stack.keystone.api(admin_token, "PUT", f"/v3/projects/{bob.project_id}/users/"
-                       f"{bob.user_id}/roles/{role['id']}")
+    request judged by Glance with the caller's own token: an operator of project beta may
+    manage the cache but cannot cache alice's private image, which Glance does not show
+    them."""
+    stack.token(bob)  # bob's project id
+    operator = cache_operator(stack, bob)
     server = Imgcache(relay.url, tmp_path / "cache", extra=(
         "--cache-api-roles", "admin,cache_operator", "--keystone-url", stack.keystone.url,
         "--decision-ttl", f"{DECISION_TTL}s"))
     cli = Cli(stack, server.url)
     try:
         hidden = upload_image(clients, server, alice, image_file(4 * MiB), "alice-private")
-        own = upload_image(clients, server, bob, image_file(4 * MiB), "bob-own")
-        bob_token = stack.token(bob, fresh=True)  # it carries the new role
-        ok(cli.glance(bob, "cache-list", token=bob_token))
-        refused = cli.glance(bob, "cache-queue", hidden, token=bob_token)
+        own = upload_image(clients, server, operator, image_file(4 * MiB), "operator-own")
+        ok(cli.glance(operator, "cache-list"))
+        refused = cli.glance(operator, "cache-queue", hidden)
         assert "HTTPNotFound" in refused.stderr or "404" in refused.stderr, refused.report()
-        ok(cli.glance(bob, "cache-queue", own, token=bob_token))
+        ok(cli.glance(operator, "cache-queue", own))
         server.wait_committed(1)
-        assert listed(ok(cli.glance(bob, "cache-list", token=bob_token))) == {own: "cached"}
+        assert listed(ok(cli.glance(operator, "cache-list"))) == {own: "cached"}
         assert stack.glance is not None and stack.glance.data_gets(hidden) == 0
-        # Alice (member only) is still refused.
+        # Members without the role are still refused.
         assert cli.glance(alice, "cache-list").returncode == 1
+        assert cli.glance(bob, "cache-list").returncode == 1
     finally:
         print(f"--- commands run:\n{cli.report()}\n--- imgcache log:\n{server.stop()}")
 
