@@ -145,9 +145,6 @@ class ImageDataRequest:
                 raise
             self.status = self.status or response.status
             return response
-        except ImgcacheError as exc:  # answered by dispatch with this status
-            self.status = exc.status
-            raise
         finally:
             metrics = self.services.metrics
             metrics.requests.labels(self.result).inc()
