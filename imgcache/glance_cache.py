@@ -206,7 +206,7 @@ class CacheApi:
             raise Conflict(f"image {image_id} ({format_size(info.expected.size)}) is larger "
                            f"than the cache cap ([cache] max_size, "
                            f"{format_size(store.max_bytes)}): it cannot be cached here")
-        if (store.lookup(image_id, info.expected.key) is None
+        if (store.current_entry(image_id, info.expected.key) is None
                 and image_id not in services.prefetcher.pending_ids()):
             services.prefetcher.submit([image_id], request.headers["X-Auth-Token"])
             log.info("cache API: %s queued %s for caching", caller.describe(), image_id)
@@ -238,13 +238,12 @@ class CacheApi:
         if target in ("", "queue"):
             withdrawn = services.prefetcher.withdraw()
         if target in ("", "cache"):
-            store = services.store
-            for entry in store.entries():
-                if entry.pinned:
-                    kept += 1
-                elif store.remove(entry.image_id) is not None:
-                    services.authorizer.forget(entry.image_id)
-                    removed += 1
+            entries = services.store.entries()
+            kept = sum(e.pinned for e in entries)
+            evicted = services.store.remove_many([e.image_id for e in entries if not e.pinned])
+            for entry in evicted:
+                services.authorizer.forget(entry.image_id)
+            removed = len(evicted)
         log.info("cache API: %s cleared %s: %d images evicted (%d pinned kept), %d queued "
                  "jobs withdrawn", caller.describe(), target or "the cache and the queue",
                  removed, kept, withdrawn)

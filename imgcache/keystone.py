@@ -4,7 +4,8 @@ imgcache never judges a token itself. It asks Keystone to validate it (``GET
 /v3/auth/tokens`` with the token as both ``X-Auth-Token`` and ``X-Subject-Token``: any user
 may validate its own token) and reads the roles from Keystone's answer. A valid token's
 answer is remembered for a short TTL (never past the token's own expiry), keyed by a hash of
-the token; invalid tokens are asked about every time. Tokens are never logged.
+the token, in a ``Decisions`` table; invalid tokens are asked about every time. Tokens are
+never logged.
 
 Keystone's URL is ``[cache_api] keystone_url`` when set, else the one Glance names in its
 401 answers (``WWW-Authenticate: Keystone uri="..."``), asked once and remembered.
@@ -26,6 +27,7 @@ from typing import Any
 
 import aiohttp
 
+from imgcache.decisions import Decisions
 from imgcache.errors import ImgcacheError, UpstreamError, UpstreamUnavailable
 from imgcache.upstream import Upstream
 
@@ -35,7 +37,6 @@ _WWW_AUTHENTICATE = re.compile(r"""Keystone\s+uri\s*=\s*["']?([^"',\s]+)""", re.
 #: A Keystone token is printable ASCII (fernet and JWS tokens are base64url text).
 _TOKEN = re.compile(r"[\x21-\x7e]{1,8192}")
 _MAX_ANSWER_BYTES = 1 << 20
-_MAX_REMEMBERED = 10_000
 
 
 class NotAuthenticated(ImgcacheError):
@@ -64,6 +65,11 @@ class Caller:
     scope: str  # "project NAME (ID)", "domain NAME", "the system scope"
     roles: frozenset[str]
     expires_at: float  # epoch seconds; 0 when Keystone gave none
+
+    def expired(self) -> bool:
+        """Whether the token's own expiry has passed (a remembered answer then no longer
+        counts, whatever the TTL)."""
+        return bool(self.expires_at) and self.expires_at <= time.time()
 
     def describe(self) -> str:
         """``user NAME (ID) in project P (ID)``: for logs and messages."""
@@ -116,7 +122,6 @@ class KeystoneRoles:
                  ttl: float, *, connect_timeout: float, read_timeout: float,
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self.roles = roles
-        self.ttl = ttl
         self._upstream = upstream
         self._configured_url = keystone_url
         self._discovered_url: str | None = None
@@ -124,7 +129,8 @@ class KeystoneRoles:
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout,
                                               sock_read=read_timeout)
         self._session: aiohttp.ClientSession | None = None
-        self._valid: dict[str, tuple[float, Caller]] = {}
+        # Keyed by (hash of the token, ""): Decisions indexes by image, which does not apply.
+        self._valid: Decisions[Caller] = Decisions(ttl)
         self._asking: dict[str, asyncio.Future[Caller]] = {}
 
     async def start(self) -> None:
@@ -140,7 +146,7 @@ class KeystoneRoles:
 
     def set_ttl(self, ttl: float) -> None:
         """How long a valid token's answer is reused from now on (a reload)."""
-        self.ttl = ttl
+        self._valid.ttl = ttl
 
     @property
     def known_url(self) -> str | None:
@@ -168,11 +174,9 @@ class KeystoneRoles:
         """Keystone's answer for a token (remembered for the TTL); concurrent questions
         about one token share one request."""
         key = hashlib.sha256(token.encode()).hexdigest()
-        remembered = self._valid.get(key)
-        if remembered is not None:
-            if remembered[0] > time.monotonic():
-                return remembered[1]
-            del self._valid[key]
+        remembered = self._valid.get(key, "")
+        if remembered is not None and not remembered.expired():
+            return remembered
         asking = self._asking.get(key)
         if asking is None:
             asking = asyncio.ensure_future(self._ask(key, token))
@@ -208,13 +212,8 @@ class KeystoneRoles:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise UpstreamError(f"Keystone at {base} sent a token validation that is not "
                                 "the JSON of a token") from exc
-        lifetime = self.ttl
-        if caller.expires_at:
-            lifetime = min(lifetime, caller.expires_at - time.time())
-        if lifetime > 0:
-            if len(self._valid) >= _MAX_REMEMBERED:
-                self._prune()
-            self._valid[key] = (time.monotonic() + lifetime, caller)
+        if not caller.expired():
+            self._valid.remember(key, "", caller)
         return caller
 
     async def _keystone_url(self) -> str:
@@ -234,10 +233,3 @@ class KeystoneRoles:
         log.info("cache API: checking tokens with Keystone at %s (named by Glance)", url)
         self._discovered_url = url
         return url
-
-    def _prune(self) -> None:
-        now = time.monotonic()
-        for key in [k for k, (expires, _) in self._valid.items() if expires <= now]:
-            del self._valid[key]
-        while len(self._valid) >= _MAX_REMEMBERED:
-            del self._valid[next(iter(self._valid))]
