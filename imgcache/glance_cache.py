@@ -110,16 +110,14 @@ class CacheApi:
             upstream = await services.upstream.request("GET", request.raw_path,
                                                        request.headers)
             try:
-                body = await upstream.content.read(_MAX_VERSIONS_BYTES + 1)
-            except Exception as exc:
-                raise services.upstream.broken(exc, "the versions document") from exc
+                body = await services.upstream.read_body(upstream, _MAX_VERSIONS_BYTES,
+                                                         "the versions document")
             finally:
                 upstream.release()
         except ImgcacheError as exc:
             return error_response(exc)
         headers = end_to_end_headers(upstream.headers)
-        if (len(body) <= _MAX_VERSIONS_BYTES and "Content-Encoding" not in headers
-                and upstream.status in (200, 300)):
+        if "Content-Encoding" not in headers and upstream.status in (200, 300):
             try:
                 doc = json.loads(body)
             except ValueError:
