@@ -16,6 +16,7 @@ from aiohttp import web
 from imgcache.authorize import Authorizer, Denied, ImageInfo
 from imgcache.errors import BadRequest, FillError, ImgcacheError, NoSpace
 from imgcache.fill import Fill, FillFailed, FillRegistry
+from imgcache.history import AccessHistory
 from imgcache.keys import data_path, parse_image_id
 from imgcache.metrics import Metrics
 from imgcache.prefetch import Prefetcher
@@ -46,6 +47,7 @@ class Services:
     metrics: Metrics
     prefetcher: Prefetcher
     verifier: Verifier
+    history: AccessHistory
 
 
 SERVICES = web.AppKey("services", Services)
@@ -164,6 +166,7 @@ class ImageDataRequest:
             metrics = self.services.metrics
             metrics.requests.labels(self.result).inc()
             metrics.served_bytes.labels(self.result).inc(self.sent)
+            self.services.history.record(self.raw_id, self.result)
             fields = {"request_id": self.request_id, "image_id": self.raw_id[:64],
                       "result": self.result.upper(), "status": self.status,
                       "bytes": self.sent, "duration": round(time.monotonic() - started, 3)}
