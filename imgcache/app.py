@@ -19,14 +19,15 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from imgcache.admin import bind_admin_socket, create_admin_app, set_socket_access
-from imgcache.authorize import Authorizer
-from imgcache.config import Settings
+from imgcache.config import Settings, parse_duration
 from imgcache.errors import ConfigError
 from imgcache.fill import FillRegistry
 from imgcache.handlers import SERVICES, Services, dispatch
+from imgcache.history import AccessHistory, RecordingAuthorizer, ServerState
 from imgcache.logs import setup_logging
-from imgcache.metrics import Metrics
+from imgcache.metrics import WORKING_SET_WINDOWS, Metrics
 from imgcache.notify import SystemdNotifier
+from imgcache.predictions import Predictions
 from imgcache.prefetch import Prefetcher
 from imgcache.responses import ZeroCopySender
 from imgcache.store import Store
@@ -44,6 +45,8 @@ FILE_THREADS = 32
 FILE_THREADS_NICE = 10
 #: Biggest request head a client may send (request line plus headers).
 MAX_HEADER_BYTES = 64 * 1024
+#: The proxy app's sizing jobs (for the management API).
+PREDICTIONS = web.AppKey("predictions", Predictions)
 #: Settings a SIGHUP applies to the running server; the others need a restart.
 RELOADABLE = frozenset({"max_size", "decision_ttl", "log_level", "log_format", "retries",
                         "retry_backoff"})
@@ -85,8 +88,23 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
                             proxy=settings.proxy, ssl_context=tls)
         store = Store(settings.cache_dir, settings.max_size, metrics, files)
         await store.open()
+
+        def server_state() -> ServerState:
+            return ServerState(store.max_bytes, {e.image_id: e.size for e in store.entries()
+                                                 if e.pinned})
+
+        history = AccessHistory(settings.cache_dir / "history",
+                                settings.history_max_requests, server_state)
+        await history.open()
+        for window in WORKING_SET_WINDOWS:
+            seconds = parse_duration(window)
+            metrics.working_set_bytes.labels(window).set_function(
+                lambda seconds=seconds: history.working_set_bytes(seconds))
+        predictions = Predictions(history, server_state, metrics)
+        app[PREDICTIONS] = predictions
         await upstream.start()
-        authorizer = Authorizer(upstream, settings.decision_ttl, metrics)
+        authorizer = RecordingAuthorizer(upstream, settings.decision_ttl, metrics,
+                                         history=history)
         fills = FillRegistry(store, upstream, metrics, files, retries=settings.retries,
                              retry_backoff=settings.retry_backoff)
         verifier = Verifier(store, metrics)
@@ -100,18 +118,26 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
             prefetcher=Prefetcher(authorizer, store, fills, metrics,
                                   settings.prefetch_concurrency),
             verifier=verifier,
+            history=history,
         )
         app[SERVICES] = services
-        scrub = (asyncio.get_running_loop().create_task(
-            verifier.scrub_forever(settings.scrub_interval, settings.scrub_rate))
-            if settings.scrub_interval else None)
+        loop = asyncio.get_running_loop()
+        background = [
+            loop.create_task(verifier.scrub_forever(settings.scrub_interval,
+                                                    settings.scrub_rate))
+            if settings.scrub_interval else None,
+            loop.create_task(predictions.update_forever(settings.predict_interval))
+            if settings.predict_interval and history.enabled else None,
+        ]
         yield
-        if scrub is not None:
-            scrub.cancel()
+        for task in background:
+            if task is not None:
+                task.cancel()
         await services.prefetcher.close()
         await fills.close()
         verifier.close()
         await upstream.close()
+        await history.close()
         await store.close()
         files.shutdown(wait=False, cancel_futures=True)
 
@@ -164,7 +190,8 @@ async def running(settings: Settings) -> AsyncIterator[Running]:
         await monitor.setup()
         gid = await bind_admin_socket(settings.admin_socket, settings.admin_socket_mode,
                                       settings.admin_socket_group)
-        admin = web.AppRunner(create_admin_app(proxy_app[SERVICES], gid), access_log=None)
+        admin = web.AppRunner(create_admin_app(proxy_app[SERVICES], proxy_app[PREDICTIONS],
+                                               gid), access_log=None)
         await admin.setup()
         await web.UnixSite(admin, str(settings.admin_socket)).start()
         await asyncio.to_thread(set_socket_access, settings.admin_socket,

@@ -93,6 +93,10 @@ def add_commands(commands: Any) -> None:
     command("verify", "re-hash cached images, evicting corrupt ones").add_argument(
         "image_ids", nargs="*", metavar="ID", help="default: every cached image")
     command("stats", "cache size, entries, hit ratio and bytes saved since start")
+    from imgcache.sizing_cli import add_arguments
+
+    add_arguments(command("sizing", "predict the hit ratio of other cache sizes from the "
+                                    "access history"))
 
 
 COMMANDS = ("list", "prefetch", "pin", "queue", "unpin", "evict", "clear", "verify", "stats")
@@ -179,7 +183,8 @@ def _when(timestamp: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp)) if timestamp else "-"
 
 
-def _size(count: float) -> str:
+def human_size(count: float) -> str:
+    """A byte count in binary units: ``512 B``, ``1.5 GiB``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if count < 1024 or unit == "TiB":
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
@@ -195,21 +200,21 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 def _jobs(answer: dict[str, Any]) -> str:
     return _table([[j["image_id"], j["state"], "yes" if j["pin"] else "no",
-                    f"{_size(j['written'])} / {_size(j['size'])}", j["error"]]
+                    f"{human_size(j['written'])} / {human_size(j['size'])}", j["error"]]
                    for j in answer.get("jobs", [])],
                   ["ID", "STATE", "PIN", "PROGRESS", "ERROR"])
 
 
 _HUMAN = {
     "list": lambda a: _table(
-        [[e["image_id"], _size(e["size"]), _when(e["last_access"]), str(e["hits"]),
+        [[e["image_id"], human_size(e["size"]), _when(e["last_access"]), str(e["hits"]),
           "yes" if e["pinned"] else "no", _when(e["verified_at"])] for e in a["entries"]],
         ["ID", "SIZE", "LAST ACCESS", "HITS", "PINNED", "LAST VERIFIED"]),
     "prefetch": _jobs,
     "pin": lambda a: "\n".join([*(f"pinned {e['image_id']}" for e in a["pinned"]),
                                 *([_jobs(a)] if a.get("jobs") else [])]),
     "queue": lambda a: "downloads in flight:\n" + _table(
-        [[f["image_id"], f"{_size(f['written'])} / {_size(f['size'])}",
+        [[f["image_id"], f"{human_size(f['written'])} / {human_size(f['size'])}",
           "verified" if f["verified"] else "downloading"] for f in a["fills"]],
         ["ID", "PROGRESS", "STATE"]) + "\n\nprefetches:\n" + _jobs(a),
     "unpin": lambda a: "\n".join(f"unpinned {e['image_id']}" for e in a["unpinned"]),
@@ -218,12 +223,12 @@ _HUMAN = {
     "verify": lambda a: "\n".join(f"{i}  {r}" for i, r in a["results"].items())
     or "nothing cached",
     "stats": lambda a: "\n".join([
-        f"cache:       {_size(a['cache_bytes'])} of {_size(a['max_bytes'])} "
-        f"({_size(a['pinned_bytes'])} pinned), {a['entries']} images",
+        f"cache:       {human_size(a['cache_bytes'])} of {human_size(a['max_bytes'])} "
+        f"({human_size(a['pinned_bytes'])} pinned), {a['entries']} images",
         f"in flight:   {a['fills_in_progress']} downloads",
         "requests:    " + ", ".join(f"{k} {v:.0f}" for k, v in a["requests"].items()),
         "hit ratio:   " + ("-" if a["hit_ratio"] is None else f"{a['hit_ratio']:.1%}"),
-        f"bytes saved: {_size(a['bytes_saved'])} ({_size(a['bytes_served'])} served, "
-        f"{_size(a['bytes_from_glance'])} from Glance)",
+        f"bytes saved: {human_size(a['bytes_saved'])} ({human_size(a['bytes_served'])} served, "
+        f"{human_size(a['bytes_from_glance'])} from Glance)",
     ]),
 }

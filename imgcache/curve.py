@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from imgcache.history import HEADER, RECORD, RESULT_CODES, check_header, history_files
+from imgcache.history_files import HEADER, RECORD, RESULT_CODES, check_header, history_files
 
 #: The history files' records, as numpy reads them.
 RECORD_DTYPE = np.dtype([("size", "<u8"), ("image", "V16"), ("time", "<u4"),
@@ -197,7 +197,7 @@ def _stack_distances_kernel() -> Any:
                 if previous < 0:
                     out[i] = -1
                 else:
-                    total = 0  # sum over positions previous+1 .. i-1, i.e. prefix(i) - prefix(previous+1)
+                    total = 0  # positions previous+1 .. i-1: prefix(i) - prefix(previous+1)
                     k = i
                     while k > 0:
                         total += tree[k]

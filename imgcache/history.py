@@ -25,35 +25,33 @@ import asyncio
 import json
 import logging
 import os
-import struct
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from imgcache.authorize import Authorizer, ImageInfo
 from imgcache.config import parse_duration
+from imgcache.history_files import (
+    CURRENT,
+    HEADER,
+    MAGIC,
+    PREVIOUS,
+    RECORD,
+    RESULT_CODES,
+    STATE,
+    VERSION,
+    ServerState,
+    check_header,
+    history_files,
+)
 from imgcache.metrics import WORKING_SET_WINDOWS
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"IMGCACHE-HISTORY"
-VERSION = 1
-#: File header: magic, version, record size, then zeros to 32 bytes.
-HEADER = struct.Struct("<16sII8x")
-#: One request: image size (bytes), image id (16 bytes of its UUID), time (Unix seconds),
-#: result code (index in RESULT_CODES), 3 spare bytes.
-RECORD = struct.Struct("<Q16sIB3x")
-#: Result codes of the records, in file order; ``denied`` is never recorded.
-RESULT_CODES = ("hit", "miss", "coalesced", "bypass", "error")
 _CODE_OF = {name: code for code, name in enumerate(RESULT_CODES)}
-CURRENT = "current.bin"
-PREVIOUS = "previous.bin"
-#: The server's cap and pinned images, rewritten with each flush, for sizing a stopped server.
-STATE = "state.json"
 #: Records are written to disk at most this many seconds after their request ended...
 FLUSH_SECONDS = 5.0
 #: ...or as soon as this many are waiting.
@@ -63,47 +61,6 @@ LONGEST_WINDOW = max(parse_duration(window) for window in WORKING_SET_WINDOWS)
 #: Images whose Glance size is remembered (least recently authorized dropped first); an image
 #: dropped from it is learnt again at its next authorization.
 MAX_KNOWN_IMAGES = 100_000
-
-
-@dataclass(frozen=True)
-class ServerState:
-    """What sizing needs from the server besides the requests: its cap and pinned images."""
-
-    max_bytes: int
-    pinned: Mapping[str, int]  # image id -> size
-
-    def as_json(self) -> dict[str, Any]:
-        """The state.json document."""
-        return {"max_bytes": self.max_bytes, "pinned": dict(self.pinned)}
-
-
-def read_state(directory: Path) -> ServerState | None:
-    """The state a server last wrote to ``directory``; None if absent or unreadable."""
-    try:
-        raw = json.loads((directory / STATE).read_text())
-        return ServerState(int(raw["max_bytes"]),
-                           {str(k): int(v) for k, v in raw["pinned"].items()})
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
-def history_files(directory: Path) -> list[Path]:
-    """The history files of ``directory``, oldest first."""
-    return [directory / PREVIOUS, directory / CURRENT]
-
-
-def check_header(path: Path) -> str | None:
-    """Why ``path`` is not a history file this version can read (None when it is)."""
-    with path.open("rb") as handle:
-        head = handle.read(HEADER.size)
-    if len(head) < HEADER.size:
-        return "it is shorter than a header"
-    magic, version, record_size = HEADER.unpack(head)
-    if magic != MAGIC:
-        return "it does not start with the history header"
-    if version != VERSION or record_size != RECORD.size:
-        return f"it is version {version} with {record_size}-byte records"
-    return None
 
 
 class AccessHistory:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from imgcache.curve import key_of, load_trace, predict
-from imgcache.history import CURRENT, HEADER, MAGIC, PREVIOUS, RECORD, RESULT_CODES, VERSION
+from imgcache.history_files import CURRENT, HEADER, MAGIC, PREVIOUS, RECORD, RESULT_CODES, VERSION
 
 MiB = 1 << 20
 
@@ -92,7 +92,7 @@ def test_pinned_images_are_hits_and_shrink_the_cap(tmp_path: Path) -> None:
     caps = [sum(pinned.values()) + extra * MiB for extra in (0, 5, 20, 60, 200)]
     predictions = predict(load_trace(tmp_path), caps, {key_of(i): s for i, s in pinned.items()})
     for cap, got in zip(caps, predictions, strict=True):
-        hits, count, hit_bytes, total_bytes = simulate(requests, cap, pinned)
+        hits, _, hit_bytes, _ = simulate(requests, cap, pinned)
         assert (got.hits, got.hit_bytes) == (hits, hit_bytes), cap
         assert not got.below_pinned
     assert predict(load_trace(tmp_path), [MiB], {key_of(i): s for i, s in pinned.items()}
