@@ -25,7 +25,7 @@ class Imgcache:
     """One ``imgcache serve`` process on 127.0.0.1, with its own cache dir and log file."""
 
     def __init__(self, procs: Processes, workdir: Path, upstream_url: str,
-                 max_size: int) -> None:
+                 max_size: int, extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
         workdir.mkdir(parents=True, exist_ok=True)
@@ -40,7 +40,7 @@ class Imgcache:
                      "--upstream", upstream_url,
                      "--cache-dir", str(self.cache_dir),
                      "--admin-socket", str(self.admin_socket),
-                     "--max-size", str(max_size)]
+                     "--max-size", str(max_size), *extra]
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
