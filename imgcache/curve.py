@@ -177,8 +177,9 @@ def load_trace(directory: Path, since: float | None = None,
 _KERNEL: Any = None
 
 
-def _stack_distances_kernel() -> Any:
-    """The compiled one-pass kernel (numba; compiled on first use, about 1 s)."""
+def stack_distances_kernel() -> Any:
+    """The compiled one-pass kernel (numba; compiled on first use, about 1 s). Its
+    ``py_func`` is the same code for the Python interpreter."""
     global _KERNEL
     if _KERNEL is None:
         import numba
@@ -225,7 +226,7 @@ def _stack_distances_kernel() -> Any:
 def stack_distances(image: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     """Per request, the bytes of the distinct images requested since this image's previous
     request plus its own size; -1 for an image's first request."""
-    return _stack_distances_kernel()(np.ascontiguousarray(image, dtype=np.int64),
+    return stack_distances_kernel()(np.ascontiguousarray(image, dtype=np.int64),
                                      np.ascontiguousarray(sizes, dtype=np.int64))
 
 

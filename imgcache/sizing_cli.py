@@ -179,8 +179,10 @@ def _table(rows: list[list[str]], header: list[str]) -> list[str]:
             for row in [header, *rows]]
 
 
-def plot_png(answer: dict[str, Any], path: Path) -> None:
-    """Plot the hit ratios per cap (and the other policies, if compared) to a PNG."""
+def plot_png(answer: dict[str, Any], path: Path,
+             measured: list[tuple[int, float, float]] | None = None) -> None:
+    """Plot the hit ratios per cap (and the other policies, if compared) to a PNG;
+    ``measured`` adds (cap, hit ratio, byte hit ratio) points a real server measured."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,19 +190,26 @@ def plot_png(answer: dict[str, Any], path: Path) -> None:
 
     caps = [r["cap_bytes"] / (1 << 30) for r in answer["caps"]]
     figure, axes = pyplot.subplots(figsize=(8, 4.5), dpi=100)
-    axes.plot(caps, [r["hit_ratio"] for r in answer["caps"]], "o-", label="LRU requests")
-    axes.plot(caps, [r["byte_hit_ratio"] for r in answer["caps"]], "s-", label="LRU bytes")
-    for name, values in answer.get("policies", {}).items():
+    axes.plot(caps, [r["hit_ratio"] for r in answer["caps"]], "-", label="LRU requests")
+    axes.plot(caps, [r["byte_hit_ratio"] for r in answer["caps"]], "-", label="LRU bytes")
+    for (name, values), style in zip(answer.get("policies", {}).items(),
+                                     (":", ":", "-.", "--"), strict=False):
         if name != "LRU":
-            axes.plot(caps, [v["hit_ratio"] for v in values], "--", label=f"{name} requests")
-    axes.axvline(answer["max_bytes"] / (1 << 30), color="grey", linestyle=":",
-                 label="current cap")
+            axes.plot(caps, [v["hit_ratio"] for v in values], style,
+                      label=f"{name} requests (libCacheSim)")
+    for cap, hit_ratio, byte_hit_ratio in measured or ():
+        axes.plot([cap / (1 << 30)] * 2, [hit_ratio, byte_hit_ratio], "ko", markersize=5)
+    if measured:
+        axes.plot([], [], "ko", markersize=5, label="measured by imgcache")
+    if answer.get("max_bytes"):
+        axes.axvline(answer["max_bytes"] / (1 << 30), color="grey", linestyle=":",
+                     label="current cap")
     axes.set_xscale("log")
     axes.set_xlabel("cache cap (GiB)")
     axes.set_ylabel("hit ratio")
     axes.set_ylim(0, 1)
     axes.grid(True, alpha=0.3)
-    axes.legend(loc="lower right", fontsize="small")
+    axes.legend(loc="upper left", fontsize="small")
     axes.set_title(f"imgcache sizing: {answer['requests']:,} requests, "
                    f"{answer['images']:,} images ({answer['method']})")
     figure.tight_layout()
