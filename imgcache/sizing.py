@@ -56,6 +56,7 @@ def compute(request: dict[str, Any]) -> dict[str, Any]:
         rows.append(row)
     answer: dict[str, Any] = {
         "method": "exact" if trace.sample_rate == 1.0 else "shards",
+        "kernel": curve.KERNEL_NAME or "none",
         "sample_rate": trace.sample_rate,
         "requests": trace.total_requests,
         "images": int(trace.sizes.shape[0]),

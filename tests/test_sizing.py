@@ -5,8 +5,10 @@ gauges, and a plain install without the sizing extra."""
 
 from __future__ import annotations
 
+import ctypes.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -16,10 +18,11 @@ from pathlib import Path
 
 import pytest
 from processes import IMGCACHE, ImgcacheProcess, StandinProcess
-from test_curve import simulate
+from test_curve import random_trace, simulate, write_history
 
 MiB = 1 << 20
 TOKEN = "token-a"
+ROOT = Path(__file__).parent.parent
 #: Image indices requested, in order (images of 1 MiB; the server's cap holds 3).
 SEQUENCE = [0, 1, 0, 2, 0, 1, 3, 0, 4, 5, 0, 1, 2, 0, 0, 1, 5, 4, 3, 2, 1, 0, 0, 0]
 
@@ -125,3 +128,22 @@ def test_a_plain_install_says_what_to_install(tmp_path: Path) -> None:
                           timeout=60, check=False)
     assert done.returncode == 1
     assert "pip install 'imgcache[sizing]'" in done.stderr
+
+
+@pytest.mark.skipif(ctypes.util.find_library("seccomp") is None
+                    or shutil.which("systemd-analyze") is None,
+                    reason="needs libseccomp and systemd-analyze (Debian's systemd)")
+def test_the_servers_sizing_job_works_under_the_units_seccomp_rules(tmp_path: Path) -> None:
+    """MemoryDenyWriteExecute=yes leaves numba no executable memory: the job the server
+    starts for the gauges then runs the same pass uncompiled, with the same answer."""
+    write_history(tmp_path / "history", random_trace(3, images=40, count=1500))
+    request = json.dumps({"history_dir": str(tmp_path / "history"), "max_bytes": 60 * MiB,
+                          "pinned": {}})
+    job = [sys.executable, "-m", "imgcache.sizing"]
+    answers = [json.loads(subprocess.run(
+        [*wrapper, *job], input=request, capture_output=True, text=True, timeout=120,
+        check=True).stdout) for wrapper in (
+            (), (sys.executable, str(ROOT / "tests" / "sandbox.py"),
+                 str(ROOT / "systemd" / "imgcache.service"), "--"))]
+    assert [a.pop("kernel") for a in answers] == ["numba", "python"]
+    assert answers[0] == answers[1]
