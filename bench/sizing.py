@@ -162,6 +162,9 @@ def validate(args: argparse.Namespace, procs: Processes, work: Path) -> dict[str
         predicted = sizing_json(server, caps)[caps.index(cap)]
         if curve is None:
             curve = sizing_json(server, dense, "--policies")
+            example = subprocess.run(
+                [str(imgcache_binary()), "sizing", "--socket", str(server.admin_socket)],
+                capture_output=True, text=True, timeout=600, check=True).stdout
         server.stop()
         subprocess.run(["rm", "-rf", str(server.cache_dir)], check=True)
         rows.append({"cap": cap, "measured": got, "predicted": predicted, "counts": counts,
@@ -171,7 +174,7 @@ def validate(args: argparse.Namespace, procs: Processes, work: Path) -> dict[str
                  f"{predicted['byte_hit_ratio']:.4f} ({time.monotonic() - started:.0f} s)")
     procs.stop(standin.proc)
     return {"images": images + 5, "requests": requests, "catalogue_bytes": int(sizes.sum()),
-            "rows": rows, "curve": curve}
+            "rows": rows, "curve": curve, "example": example}
 
 
 def write_history(path: Path, requests: int, images: int, seed: int = 5) -> None:
@@ -336,7 +339,9 @@ def report(results: dict[str, Any]) -> tuple[str, bool]:
                          + " | ".join(f"{x['hit_ratio']:.4f} / {x['byte_hit_ratio']:.4f}"
                                       for x in (pol["LRU"], row, pol["S3-FIFO"],
                                                 pol["SIEVE"], pol["GDSF"])) + " |")
-        lines += ["", "![predicted vs measured](sizing.png)", ""]
+        lines += ["", "![predicted vs measured](sizing.png)", "",
+                  "`imgcache sizing` on the first of these servers (cap 16 MiB) after its "
+                  "replay:", "", "```", v["example"].rstrip(), "```", ""]
     if "speed" in results:
         s = results["speed"]
         median = statistics.median(s["walls"])

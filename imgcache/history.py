@@ -77,7 +77,7 @@ class AccessHistory:
         self._last_seen: dict[str, tuple[float, int]] = {}  # image id -> (time, size)
         self._pending: list[bytes] = []
         self._flush_timer: asyncio.TimerHandle | None = None
-        self._writes: set[asyncio.Future[None]] = set()
+        self._writes: set[asyncio.Future[Any]] = set()  # writes, and the start-up reload
         self._fd: int | None = None
         self._current_records = 0
         self._last_state: ServerState | None = None
@@ -93,18 +93,33 @@ class AccessHistory:
         return max(1, self.max_requests // 2)
 
     async def open(self) -> None:
-        """Check the files, set aside bad ones, and reload the last 7 days' working set."""
+        """Check the files and set aside bad ones; then, in the background (a full history
+        takes about a second), reload the last 7 days' working set."""
         if not self.enabled:
             return
         loop = asyncio.get_running_loop()
         try:
-            self._last_seen = await loop.run_in_executor(self._thread, self._open_sync)
+            await loop.run_in_executor(self._thread, self._open_sync)
         except OSError as exc:
             log.error("cannot open the access history in %s (%s); image requests are "
                       "served but not recorded for imgcache sizing until a restart",
                       self.directory, exc)
+            return
+        reload = loop.run_in_executor(self._thread, self._recent_images,
+                                      time.time() - LONGEST_WINDOW)
+        self._writes.add(reload)
+        reload.add_done_callback(self._reloaded)
 
-    def _open_sync(self) -> dict[str, tuple[float, int]]:
+    def _reloaded(self, future: asyncio.Future[dict[str, tuple[float, int]]]) -> None:
+        self._writes.discard(future)
+        if future.cancelled() or future.exception() is not None:
+            log.warning("could not reload the working set from the access history: %s",
+                        None if future.cancelled() else future.exception())
+            return
+        for image_id, seen in future.result().items():  # requests since start are newer
+            self._last_seen.setdefault(image_id, seen)
+
+    def _open_sync(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         for path in history_files(self.directory):
             if path.exists():
@@ -114,7 +129,6 @@ class AccessHistory:
             self._new_file(current)
         self._fd = os.open(current, os.O_WRONLY | os.O_APPEND)
         self._current_records = (os.fstat(self._fd).st_size - HEADER.size) // RECORD.size
-        return self._recent_images(time.time() - LONGEST_WINDOW)
 
     def _repair(self, path: Path) -> None:
         """Set aside a file that is not a history file; trim a record cut short by a crash."""
@@ -140,7 +154,7 @@ class AccessHistory:
         os.replace(partial, path)
 
     def _recent_images(self, since: float) -> dict[str, tuple[float, int]]:
-        seen: dict[str, tuple[float, int]] = {}
+        seen: dict[bytes, tuple[float, int]] = {}
         for path in history_files(self.directory):
             if not path.exists():
                 continue
@@ -148,10 +162,10 @@ class AccessHistory:
                 handle.seek(HEADER.size)
                 while chunk := handle.read(RECORD.size * 8192):
                     usable = len(chunk) - len(chunk) % RECORD.size
-                    for size, raw, when, _, in RECORD.iter_unpack(chunk[:usable]):
+                    for size, raw, when, _ in RECORD.iter_unpack(chunk[:usable]):
                         if when >= since:
-                            seen[str(uuid.UUID(bytes=raw))] = (float(when), size)
-        return seen
+                            seen[raw] = (float(when), size)
+        return {str(uuid.UUID(bytes=raw)): value for raw, value in seen.items()}
 
     def learn(self, info: ImageInfo) -> None:
         """Note what Glance says of an image: its size if it is active and has one."""

@@ -89,6 +89,8 @@ async def test_history_is_bounded_and_survives_a_restart(
     kept = await read_records(history)
     assert 5 <= len(kept) <= 10  # never more than the bound, never less than half of it
     second: Imgcache = await imgcache_factory(history_max_requests="10")
+    # Before any request of its own, the restarted server knows the week's working set.
+    await second.wait_for_metric('imgcache_working_set_bytes{window="7d"}', 64 * 1024)
     await second.get(image.id)
     await flushed(second, 1)
     again = await read_records(history)
