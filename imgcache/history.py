@@ -263,7 +263,8 @@ class AccessHistory:
     async def close(self) -> None:
         """Write what is waiting and close the file."""
         if self.enabled and self._fd is not None:
-            await self.flush()
+            # A failed write is logged by _write_done; it must not stop the shutdown.
+            await asyncio.gather(self.flush(), return_exceptions=True)
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
         await asyncio.get_running_loop().run_in_executor(self._thread, self._close_sync)
