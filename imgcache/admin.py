@@ -20,19 +20,24 @@ from typing import Any
 
 from aiohttp import web
 
+from imgcache.config import parse_duration, parse_size
 from imgcache.errors import BadRequest, ImgcacheError, NoSpace
 from imgcache.handlers import SERVICES, Services
 from imgcache.keys import parse_image_id
+from imgcache.predictions import Predictions, SizingFailed
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_PREDICTIONS = web.AppKey("predictions", Predictions)
 
 
-def create_admin_app(services: Services, allowed_gid: int | None) -> web.Application:
+def create_admin_app(services: Services, predictions: Predictions,
+                     allowed_gid: int | None) -> web.Application:
     """The management app over the running proxy's services."""
     app = web.Application(middlewares=[_peer_check(allowed_gid), _errors])
     app[SERVICES] = services
+    app[_PREDICTIONS] = predictions
     routes = [
         web.get("/v1/entries", list_entries),
         web.delete("/v1/entries", clear_entries),
@@ -44,6 +49,7 @@ def create_admin_app(services: Services, allowed_gid: int | None) -> web.Applica
         web.post("/v1/verify", verify),
         web.get("/v1/verify/{run_id}", verify_run),
         web.get("/v1/stats", stats),
+        web.get("/v1/sizing", sizing),
     ]
     app.add_routes(routes)
     return app
@@ -252,6 +258,28 @@ async def stats(request: web.Request) -> web.Response:
         "bytes_from_glance": sample("imgcache_upstream_bytes_total"),
         "bytes_saved": max(0.0, sum(served.values()) - sample("imgcache_upstream_bytes_total")),
     })
+
+
+async def sizing(request: web.Request) -> web.Response:
+    """Predicted hit ratios per cap from the access history (``?caps=10G,20G``,
+    ``&since=7d``, ``&policies=1``); 503 when the sizing extra is not installed."""
+    try:
+        caps = [parse_size(c) for c in request.query["caps"].split(",")] \
+            if request.query.get("caps") else None
+        since = parse_duration(request.query["since"]) if request.query.get("since") \
+            else None
+    except ValueError as exc:
+        raise BadRequest(f"caps are sizes such as 10G and since a duration such as 7d: "
+                         f"{exc}") from None
+    if caps is not None and not all(caps):
+        raise BadRequest("a cap must be more than 0 bytes")
+    try:
+        answer = await request.app[_PREDICTIONS].size(
+            caps, since, request.query.get("policies") in ("1", "true", "yes"))
+    except SizingFailed as exc:
+        return web.json_response({"error": str(exc)},
+                                 status=503 if exc.missing_extra else 500)
+    return web.json_response(answer)
 
 
 async def bind_admin_socket(path: Path, mode: int, group: str) -> int | None:

@@ -19,18 +19,19 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from imgcache.admin import bind_admin_socket, create_admin_app, set_socket_access
-from imgcache.authorize import Authorizer
-from imgcache.config import Settings, format_size
+from imgcache.config import Settings, format_size, parse_duration
 from imgcache.errors import ConfigError
 from imgcache.fill import FillRegistry
 from imgcache.glance_cache import CACHE_API, CacheApi, serve_cache_api, serve_versions
 from imgcache.handlers import SERVICES, Services, dispatch
 from imgcache.health import readiness
+from imgcache.history import AccessHistory, RecordingAuthorizer, ServerState
 from imgcache.keystone import KeystoneRoles
 from imgcache.logs import setup_logging
-from imgcache.metrics import Metrics
+from imgcache.metrics import WORKING_SET_WINDOWS, Metrics
 from imgcache.notify import SystemdNotifier
 from imgcache.openfiles import OpenFiles
+from imgcache.predictions import Predictions
 from imgcache.prefetch import Prefetcher
 from imgcache.responses import ZeroCopySender
 from imgcache.store import Store
@@ -56,6 +57,8 @@ PIPELINE_THREADS = 256
 PIPELINE_THREADS_STARTED = 16
 #: Biggest request head a client may send (request line plus headers).
 MAX_HEADER_BYTES = 64 * 1024
+#: The proxy app's sizing jobs (for the management API).
+PREDICTIONS = web.AppKey("predictions", Predictions)
 #: Settings a SIGHUP applies to the running server; the others need a restart.
 #: Settings that are byte counts (logged in human units).
 SIZE_SETTINGS = frozenset({"max_size", "scrub_rate"})
@@ -105,9 +108,23 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
         open_files = OpenFiles(control)
         store.add_removal_listener(lambda entry: open_files.retire(entry.file_name))
         await store.open()
+
+        def server_state() -> ServerState:
+            return ServerState(store.max_bytes, {e.image_id: e.size for e in store.entries()
+                                                 if e.pinned})
+
+        history = AccessHistory(settings.cache_dir / "history",
+                                settings.history_max_requests, server_state)
+        await history.open()
+        for window in WORKING_SET_WINDOWS:
+            seconds = parse_duration(window)
+            metrics.working_set_bytes.labels(window).set_function(
+                lambda seconds=seconds: history.working_set_bytes(seconds))
+        predictions = Predictions(history, server_state, metrics)
+        app[PREDICTIONS] = predictions
         await upstream.start()
-        authorizer = Authorizer(upstream, settings.decision_ttl, metrics,
-                                settings.policy_check)
+        authorizer = RecordingAuthorizer(upstream, settings.decision_ttl, metrics,
+                                         settings.policy_check, history=history)
         fills = FillRegistry(store, upstream, metrics, control, pipeline,
                              retries=settings.retries, retry_backoff=settings.retry_backoff)
         verifier = Verifier(store, metrics)
@@ -123,6 +140,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
                                   settings.prefetch_concurrency),
             verifier=verifier,
             pipeline=pipeline,
+            history=history,
         )
         app[SERVICES] = services
         roles = KeystoneRoles(upstream, settings.cache_api_roles, settings.keystone_url,
@@ -130,18 +148,25 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
                               read_timeout=settings.read_timeout, ssl_context=tls)
         await roles.start()
         app[CACHE_API] = CacheApi(roles)
-        scrub = (asyncio.get_running_loop().create_task(
-            verifier.scrub_forever(settings.scrub_interval, settings.scrub_rate))
-            if settings.scrub_interval else None)
+        loop = asyncio.get_running_loop()
+        background = [
+            loop.create_task(verifier.scrub_forever(settings.scrub_interval,
+                                                    settings.scrub_rate))
+            if settings.scrub_interval else None,
+            loop.create_task(predictions.update_forever(settings.predict_interval))
+            if settings.predict_interval and history.enabled else None,
+        ]
         yield
-        if scrub is not None:
-            scrub.cancel()
+        for task in background:
+            if task is not None:
+                task.cancel()
         await services.prefetcher.close()
         await fills.close()
         verifier.close()
         await roles.close()
         await upstream.close()
         await open_files.close()
+        await history.close()
         await store.close()
         for pool in (senders, control, pipeline):
             pool.shutdown(wait=False, cancel_futures=True)
@@ -209,7 +234,8 @@ async def running(settings: Settings) -> AsyncIterator[Running]:
         await monitor.setup()
         gid = await bind_admin_socket(settings.admin_socket, settings.admin_socket_mode,
                                       settings.admin_socket_group)
-        admin = web.AppRunner(create_admin_app(proxy_app[SERVICES], gid), access_log=None)
+        admin = web.AppRunner(create_admin_app(proxy_app[SERVICES], proxy_app[PREDICTIONS],
+                                               gid), access_log=None)
         await admin.setup()
         await web.UnixSite(admin, str(settings.admin_socket)).start()
         await asyncio.to_thread(set_socket_access, settings.admin_socket,

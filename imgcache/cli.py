@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     args = _parser().parse_args(argv)
+    if args.command == "sizing":
+        from imgcache.sizing_cli import run as run_sizing
+
+        return run_sizing(args)
     if args.command in COMMANDS:
         return run_command(args)
     if args.command == "demo":

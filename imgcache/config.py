@@ -19,9 +19,9 @@ from urllib.parse import urlsplit
 from imgcache.errors import ConfigError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(?:i?[bB])?\s*$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
 def parse_size(text: str) -> int:
@@ -42,10 +42,10 @@ def format_size(count: float) -> str:
 
 
 def parse_duration(text: str) -> float:
-    """Parse ``30s``, ``500ms``, ``5m``, ``1h`` or plain seconds."""
+    """Parse ``30s``, ``500ms``, ``5m``, ``1h``, ``7d`` or plain seconds."""
     match = _DURATION.match(text)
     if not match:
-        raise ValueError("expected a duration such as 30, 30s, 500ms, 5m or 1h")
+        raise ValueError("expected a duration such as 30, 30s, 500ms, 5m, 1h or 7d")
     return float(match.group(1)) * _SECONDS[match.group(2)]
 
 
@@ -265,6 +265,14 @@ OPTIONS: tuple[Option, ...] = (
            "its 401 answers (WWW-Authenticate: Keystone uri=...)."),
     Option("prefetch_concurrency", "admin", "prefetch_concurrency", "prefetch-concurrency",
            _positive(_nonnegative_int), "2", "Prefetches downloading at the same time."),
+    Option("history_max_requests", "history", "max_requests", "history-max-requests",
+           _nonnegative_int, "1000000",
+           "Image requests kept in the access history (cache_dir/history, 32 bytes each) "
+           "that imgcache sizing predicts from; 0 keeps none."),
+    Option("predict_interval", "history", "predict_interval", "predict-interval",
+           _nonnegative(parse_duration), "1h",
+           "How often the imgcache_predicted_byte_hit_ratio gauges are recomputed from the "
+           "history (needs imgcache[sizing]); 0 never."),
     Option("log_level", "logging", "level", "log-level", parse_log_level, "info",
            "Log level: debug, info, warning, error or critical."),
     Option("log_format", "logging", "format", "log-format", parse_log_format, "plain",
@@ -301,6 +309,8 @@ class Settings:
     cache_api_roles: frozenset[str]
     keystone_url: str | None
     prefetch_concurrency: int
+    history_max_requests: int
+    predict_interval: float
     log_level: str
     log_format: str
 

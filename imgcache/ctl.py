@@ -100,6 +100,10 @@ def add_commands(commands: Any) -> None:
     command("verify", "re-hash cached images, evicting corrupt ones").add_argument(
         "image_ids", nargs="*", metavar="ID", help="default: every cached image")
     command("stats", "cache size, entries, hit ratio and bytes saved since start")
+    from imgcache.sizing_cli import add_arguments
+
+    add_arguments(command("sizing", "predict the hit ratio of other cache sizes from the "
+                                    "access history"))
 
 
 COMMANDS = ("list", "prefetch", "pin", "queue", "unpin", "evict", "clear", "verify", "stats")

@@ -20,6 +20,7 @@ from imgcache.credentials import AllowedCallers
 from imgcache.digest import Expected, hash_fd
 from imgcache.errors import BadRequest, FillError, ImgcacheError, UpstreamError
 from imgcache.fill import FillFailed, FillRegistry
+from imgcache.history import AccessHistory
 from imgcache.keys import parse_image_id
 from imgcache.metrics import Metrics
 from imgcache.openfiles import OpenFiles
@@ -57,6 +58,7 @@ class Services:
     prefetcher: Prefetcher
     verifier: Verifier
     pipeline: ThreadPoolExecutor
+    history: AccessHistory
 
 
 SERVICES = web.AppKey("services", Services)
@@ -149,6 +151,7 @@ class ImageDataRequest:
             metrics = self.services.metrics
             metrics.requests.labels(self.result).inc()
             metrics.served_bytes.labels(self.result).inc(self.sent)
+            self.services.history.record(self.raw_id, self.result)
             fields = {"request_id": self.request_id, "image_id": self.raw_id[:64],
                       "result": self.result.upper(), "status": self.status,
                       "bytes": self.sent, "duration": round(time.monotonic() - started, 3)}

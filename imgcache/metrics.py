@@ -14,6 +14,10 @@ FILL_OUTCOMES = (
 )
 #: Labels of imgcache_verifications_total: which check a committed fill passed.
 VERIFY_METHODS = ("os_hash", "checksum", "size_only")
+#: Caps, as multiples of the configured one, of imgcache_predicted_byte_hit_ratio.
+PREDICTED_CAP_FACTORS = ("0.5", "1", "2", "4")
+#: Windows of imgcache_working_set_bytes (durations as the config writes them).
+WORKING_SET_WINDOWS = ("1d", "7d")
 
 
 class Metrics:
@@ -83,6 +87,22 @@ class Metrics:
         self.upstream_errors = Counter(
             "imgcache_upstream_errors", "Failures talking to Glance by kind (connect, "
             "timeout, tls, broken).", ["kind"], registry=r)
+        self.predicted_byte_hit_ratio = Gauge(
+            "imgcache_predicted_byte_hit_ratio", "Byte hit ratio LRU would have had over the "
+            "access history with the cap times cap_factor (NaN until first computed).",
+            ["cap_factor"], registry=r)
+        self.predicted_hit_ratio = Gauge(
+            "imgcache_predicted_hit_ratio", "Request hit ratio LRU would have had over the "
+            "access history with the cap times cap_factor (NaN until first computed).",
+            ["cap_factor"], registry=r)
+        self.working_set_bytes = Gauge(
+            "imgcache_working_set_bytes", "Bytes of the distinct images requested within "
+            "the window (1d, 7d).", ["window"], registry=r)
+        for factor in PREDICTED_CAP_FACTORS:
+            self.predicted_byte_hit_ratio.labels(factor).set(float("nan"))
+            self.predicted_hit_ratio.labels(factor).set(float("nan"))
+        for window in WORKING_SET_WINDOWS:
+            self.working_set_bytes.labels(window)
         for result in RESULTS:
             self.requests.labels(result)
             self.served_bytes.labels(result)

@@ -811,10 +811,8 @@ async def _serve(args: argparse.Namespace) -> None:
     )
     await standin.start()
     try:
-        images = [
-            await standin.add_image(size=args.image_size, visibility=args.visibility)
-            for _ in range(args.images)
-        ]
+        images = [await standin.add_image(size=size, visibility=args.visibility)
+                  for size in args.sizes]
         for image in images:
             if args.rate:
                 standin.faults[image.id] = Fault(rate=args.rate)
@@ -845,6 +843,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", type=pathlib.Path, required=True)
     parser.add_argument("--image-size", type=_size, default=_size("64M"))
     parser.add_argument("--images", type=int, default=1, help="how many images (1)")
+    parser.add_argument("--image-sizes", type=pathlib.Path, metavar="FILE",
+                        help="one image per size listed in FILE (whitespace-separated, "
+                             "e.g. 200K 3M); instead of --images and --image-size")
     parser.add_argument("--rate", type=_size, default=0,
                         help="trickle every download to this many bytes/s (default: full speed)")
     parser.add_argument("--visibility", default="private")
@@ -852,6 +853,8 @@ def main(argv: list[str] | None = None) -> None:
         "--token", action="append", help="a valid token (repeatable; default token-a)"
     )
     args = parser.parse_args(argv)
+    args.sizes = ([_size(word) for word in args.image_sizes.read_text().split()]
+                  if args.image_sizes else [args.image_size] * args.images)
     import uvloop  # here, so importing the module for tests does not need it
 
     uvloop.run(_serve(args))

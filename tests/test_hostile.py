@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from inloop import TOKEN, Imgcache
 from processes import ImgcacheProcess, StandinProcess
 
+from imgcache.history_files import CURRENT, PREVIOUS, STATE
 from imgcache.standin import GlanceStandin
 
 MiB = 1 << 20
@@ -252,9 +253,13 @@ class Stage:
         return seen
 
     def strays_in_cache(self) -> list[str]:
-        """Whatever in the cache dir is not its own layout: data/, partial/, index/."""
+        """Whatever in the cache dir is not its own layout: data/, partial/, index/ and
+        history/ (the access history's files)."""
         strays = [p.name for p in self.cache_dir.iterdir()
-                  if p.name not in ("data", "partial", "index") or not p.is_dir()]
+                  if p.name not in ("data", "partial", "index", "history") or not p.is_dir()]
+        history = self.cache_dir / "history"
+        strays += [f"history/{p.name}" for p in (history.iterdir() if history.exists() else ())
+                   if p.name not in (CURRENT, PREVIOUS, STATE) or not p.is_file()]
         strays += [f"data/{p.name}" for p in (self.cache_dir / "data").iterdir()
                    if not _DATA_NAME.fullmatch(p.name) or not p.is_file()]
         strays += [f"partial/{p.name}" for p in (self.cache_dir / "partial").iterdir()
