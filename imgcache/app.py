@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,7 @@ from imgcache.notify import SystemdNotifier
 from imgcache.prefetch import Prefetcher
 from imgcache.responses import ZeroCopySender
 from imgcache.store import Store
+from imgcache.tier import Tier
 from imgcache.upstream import Upstream, tls_context
 from imgcache.verify import Verifier
 
@@ -100,8 +102,12 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
         await upstream.start()
         authorizer = Authorizer(upstream, settings.decision_ttl, metrics,
                                 settings.policy_check)
+        tier = _tier(settings, metrics, tls)
+        if tier is not None:
+            await tier.start()
         fills = FillRegistry(store, upstream, metrics, control, pipeline,
-                             retries=settings.retries, retry_backoff=settings.retry_backoff)
+                             retries=settings.retries, retry_backoff=settings.retry_backoff,
+                             tier=tier)
         verifier = Verifier(store, metrics)
         services = Services(
             upstream=upstream,
@@ -125,6 +131,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
         await services.prefetcher.close()
         await fills.close()
         verifier.close()
+        if tier is not None:
+            await tier.close()
         await upstream.close()
         await store.close()
         for pool in (senders, control, pipeline):
@@ -133,6 +141,15 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     app.cleanup_ctx.append(lifecycle)
     app.router.add_route("*", "/{tail:.*}", dispatch)
     return app
+
+
+def _tier(settings: Settings, metrics: Metrics, tls: ssl.SSLContext) -> Tier | None:
+    """The shared tier of ``[tier] urls``, or None when none is configured."""
+    if not settings.tier_urls:
+        return None
+    return Tier(settings.tier_urls, metrics, connect_timeout=settings.tier_connect_timeout,
+                read_timeout=settings.tier_read_timeout, backoff=settings.tier_backoff,
+                ssl_context=tls)
 
 
 def create_metrics_app(metrics: Metrics) -> web.Application:
