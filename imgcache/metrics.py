@@ -93,8 +93,9 @@ class Metrics:
             "imgcache_tier_failures", "Downloads that failed at a tier node and went on at "
             "the next source, by node and kind.", ["node", "kind"], registry=r)
         self.tier_node_up = Gauge(
-            "imgcache_tier_node_up", "1 while fills may use a tier node, 0 while it is "
-            "skipped after a connection failure or silence.", ["node"], registry=r)
+            "imgcache_tier_node_up", "0 from a connection failure or silence at a tier "
+            "node until it answers again (fills skip it for [tier] backoff), else 1.",
+            ["node"], registry=r)
         self.tier_purges = Counter(
             "imgcache_tier_purges", "PURGE requests for corrupt objects in the tier, by "
             "outcome (purged, failed).", ["outcome"], registry=r)

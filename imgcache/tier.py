@@ -35,7 +35,7 @@ from yarl import URL
 
 from imgcache.errors import FillError, UpstreamError
 from imgcache.metrics import Metrics
-from imgcache.upstream import end_to_end_headers
+from imgcache.upstream import upstream_headers
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class Tier:
         url = URL(node.url + path_qs, encoded=True)
         try:
             response = await self._session.get(
-                url, headers=end_to_end_headers(headers), allow_redirects=False)
+                url, headers=upstream_headers(headers, with_body=False), allow_redirects=False)
         except aiohttp.ClientConnectorError as exc:
             raise TierFault("connect", f"cannot connect to tier node {node.url}: "
                             f"{exc.os_error}", backs_off=True) from exc
