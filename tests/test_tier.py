@@ -357,3 +357,27 @@ async def test_a_corrupt_glance_is_not_retried_without_a_tier(
     await asyncio.sleep(0.3)
     assert (await imgcache.metrics())["imgcache_fills_in_progress"] == 0
     assert len(data_requests(glance, image.id)) == 1  # today's behaviour: no refill
+
+
+async def test_after_glance_fails_too_the_retry_starts_at_the_tier_again(
+    glance: GlanceStandin, imgcache_factory: ImgcacheFactory, tier_nodes: TierFactory
+) -> None:
+    # A tier node answering 5xx (it cannot reach Glance), then Glance breaking as well: the
+    # retry goes to the tier first again, so that a Glance coming back from an outage does
+    # not get every compute node's fill at once.
+    (node,) = await tier_nodes(1)
+    image = await glance.add_image(size=4 * MiB)
+    await holding([node], image)
+    node.faults[image.id] = Fault(status=503, times=1)
+    # Glance's first data GET is imgcache's one-byte download check; the second, the fill's
+    # own, breaks after 1 KiB.
+    glance.faults[image.id] = Fault(reset_at=1024, times=2)
+    imgcache = await tiered(imgcache_factory, [node])
+    status, _, body = await imgcache.get(image.id)
+    assert status == 200 and sha512(body) == image.os_hash_value
+    gets = [r for r in node.requests if r.method == "GET"]
+    assert [r.status for r in gets] == [503, 206]
+    assert gets[1].headers["Range"] == f"bytes=1024-{image.size - 1}"
+    metrics = await imgcache.metrics()
+    assert metrics['imgcache_source_bytes_total{source="glance"}'] == 1024
+    assert metrics[f'imgcache_source_bytes_total{{source="{node.url}"}}'] == image.size - 1024
