@@ -28,13 +28,20 @@ def _run(*cmd: str) -> str:
     return done.stdout
 
 
-def netns_usable() -> tuple[bool, str]:
-    """Whether racks can be built here; if not, why."""
+def netns_usable(prefix: str = "fl") -> tuple[bool, str]:
+    """Whether racks can be built here (a namespace ``<prefix>-probe`` is made and
+    removed to find out); if not, why."""
     if os.geteuid() != 0:
         return False, "not root"
     for tool in ("ip", "tc"):
         if shutil.which(tool) is None:
             return False, f"{tool} (iproute2) is not installed"
+    probe = f"{prefix}-probe"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True,
+                          check=False)
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
+    if made.returncode != 0:
+        return False, f"ip netns add failed: {made.stderr.strip()}"
     return True, ""
 
 

@@ -24,7 +24,7 @@ OVERHEAD = 1.05
 
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[Fleet]:
-    usable, why = netns_usable()
+    usable, why = netns_usable("flt")
     if not usable:
         pytest.skip(f"network namespaces cannot be built here: {why}")
     assert engine_available("trafficserver"), "Traffic Server missing: run `make system-deps`"

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from inloop import OTHER_TOKEN, TOKEN, Imgcache, ImgcacheFactory
+from inloop import OTHER_TOKEN, TOKEN, Imgcache, ImgcacheFactory, storm
 from processes import free_port
+from tierengines import ranked
 
 from imgcache.config import load_settings
 from imgcache.errors import ConfigError
@@ -64,10 +65,14 @@ async def holding(nodes: list[GlanceStandin], image: StandinImage) -> None:
         await node.add_image(size=image.size, image_id=image.id)
 
 
-def ranked(image_id: str, nodes: list[GlanceStandin]) -> list[GlanceStandin]:
-    """The tier nodes in the order imgcache tries them for ``image_id``."""
-    by_url = {node.url: node for node in nodes}
-    return [by_url[n.url] for n in rendezvous_order(image_id, [TierNode(u) for u in by_url])]
+async def two_nodes_holding(glance: GlanceStandin, tier_nodes: TierFactory,
+                            size: int) -> tuple[StandinImage, GlanceStandin, GlanceStandin]:
+    """A new image in Glance and in two tier nodes: the image, its first and second node."""
+    nodes = await tier_nodes(2)
+    image = await glance.add_image(size=size)
+    await holding(nodes, image)
+    primary, secondary = ranked(image.id, nodes)
+    return image, primary, secondary
 
 
 def data_bytes(server: GlanceStandin, image_id: str) -> int:
@@ -79,15 +84,6 @@ def data_bytes(server: GlanceStandin, image_id: str) -> int:
 def data_requests(server: GlanceStandin, image_id: str) -> list[dict[str, str]]:
     return [r.headers for r in server.requests if r.method == "GET"
             and r.path == f"/v2/images/{image_id}/file" and r.body_bytes_sent > 1]
-
-
-async def storm(imgcache: Imgcache, image_id: str, clients: int = 6) -> list[bytes]:
-    async def one() -> bytes:
-        status, _, body = await imgcache.get(image_id)
-        assert status == 200
-        return body
-
-    return await asyncio.gather(*(one() for _ in range(clients)))
 
 
 async def tiered(imgcache_factory: ImgcacheFactory, nodes: list[GlanceStandin],
@@ -155,11 +151,8 @@ async def test_a_failing_node_is_skipped_for_its_backoff_then_tried_again() -> N
 async def test_an_image_is_fetched_from_its_tier_node_only(
     glance: GlanceStandin, imgcache_factory: ImgcacheFactory, tier_nodes: TierFactory
 ) -> None:
-    nodes = await tier_nodes(2)
-    image = await glance.add_image(size=8 * MiB)
-    await holding(nodes, image)
-    primary, secondary = ranked(image.id, nodes)
-    imgcache = await tiered(imgcache_factory, nodes)
+    image, primary, secondary = await two_nodes_holding(glance, tier_nodes, 8 * MiB)
+    imgcache = await tiered(imgcache_factory, [primary, secondary])
     bodies = await storm(imgcache, image.id, clients=8)
     assert {sha512(b) for b in bodies} == {image.os_hash_value}
     assert data_bytes(primary, image.id) == image.size
@@ -223,12 +216,9 @@ async def test_a_node_breaking_mid_body_hands_over_to_the_next_by_range(
     glance: GlanceStandin, imgcache_factory: ImgcacheFactory, tier_nodes: TierFactory,
     fault: Fault,
 ) -> None:
-    nodes = await tier_nodes(2)
-    image = await glance.add_image(size=8 * MiB)
-    await holding(nodes, image)
-    primary, secondary = ranked(image.id, nodes)
+    image, primary, secondary = await two_nodes_holding(glance, tier_nodes, 8 * MiB)
     primary.faults[image.id] = fault
-    imgcache = await tiered(imgcache_factory, nodes)
+    imgcache = await tiered(imgcache_factory, [primary, secondary])
     bodies = await storm(imgcache, image.id, clients=8)  # no client fails
     assert {sha512(b) for b in bodies} == {image.os_hash_value}
     (resumed,) = data_requests(secondary, image.id)
@@ -245,13 +235,10 @@ async def test_a_node_breaking_mid_body_hands_over_to_the_next_by_range(
 async def test_when_every_node_fails_glance_itself_resumes_the_fill(
     glance: GlanceStandin, imgcache_factory: ImgcacheFactory, tier_nodes: TierFactory
 ) -> None:
-    nodes = await tier_nodes(2)
-    image = await glance.add_image(size=8 * MiB)
-    await holding(nodes, image)
-    primary, secondary = ranked(image.id, nodes)
+    image, primary, secondary = await two_nodes_holding(glance, tier_nodes, 8 * MiB)
     primary.faults[image.id] = Fault(reset_at=2 * MiB, rate=16 * MiB)
     secondary.faults[image.id] = Fault(status=503)
-    imgcache = await tiered(imgcache_factory, nodes)
+    imgcache = await tiered(imgcache_factory, [primary, secondary])
     bodies = await storm(imgcache, image.id, clients=4)
     assert {sha512(b) for b in bodies} == {image.os_hash_value}
     from_glance = data_requests(glance, image.id)
@@ -268,13 +255,10 @@ async def test_when_every_node_fails_glance_itself_resumes_the_fill(
 async def test_a_refusal_relayed_by_the_tier_goes_to_glance_which_decides(
     glance: GlanceStandin, imgcache_factory: ImgcacheFactory, tier_nodes: TierFactory
 ) -> None:
-    nodes = await tier_nodes(2)
-    image = await glance.add_image(size=2 * MiB)
-    for node in nodes:  # the tier's Glance does not know this caller (a stale token cache)
+    image, primary, secondary = await two_nodes_holding(glance, tier_nodes, 2 * MiB)
+    for node in (primary, secondary):  # their Glance does not know this caller (stale cache)
         node.tokens.discard(TOKEN)
-    await holding(nodes, image)
-    primary, secondary = ranked(image.id, nodes)
-    imgcache = await tiered(imgcache_factory, nodes)
+    imgcache = await tiered(imgcache_factory, [primary, secondary])
     status, _, body = await imgcache.get(image.id)
     assert status == 200 and sha512(body) == image.os_hash_value
     assert len(primary.requests) == 1 and not secondary.requests  # straight on to Glance
@@ -292,7 +276,7 @@ async def test_a_wrong_sized_object_in_the_tier_is_not_used(
     primary, secondary = ranked(image.id, nodes)
     await primary.add_image(size=image.size - 100, image_id=image.id)  # truncated object
     await secondary.add_image(size=image.size, image_id=image.id)
-    imgcache = await tiered(imgcache_factory, nodes)
+    imgcache = await tiered(imgcache_factory, [primary, secondary])
     status, _, body = await imgcache.get(image.id)
     assert status == 200 and sha512(body) == image.os_hash_value
     assert data_bytes(secondary, image.id) == image.size
@@ -311,12 +295,9 @@ async def test_a_wrong_sized_object_in_the_tier_is_not_used(
 async def test_a_corrupt_object_fails_its_fill_then_comes_straight_from_glance(
     glance: GlanceStandin, imgcache_factory: ImgcacheFactory, tier_nodes: TierFactory
 ) -> None:
-    nodes = await tier_nodes(2)
-    image = await glance.add_image(size=4 * MiB)
-    await holding(nodes, image)
-    primary, secondary = ranked(image.id, nodes)
+    image, primary, secondary = await two_nodes_holding(glance, tier_nodes, 4 * MiB)
     primary.faults[image.id] = Fault(corrupt_at=3 * MiB)  # every read: the object is bad
-    imgcache = await tiered(imgcache_factory, nodes)
+    imgcache = await tiered(imgcache_factory, [primary, secondary])
 
     async def read() -> bytes:
         async with imgcache.session.get(imgcache.data_url(image.id),

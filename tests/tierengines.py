@@ -17,9 +17,20 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol, TypeVar
 from urllib.parse import urlsplit
 
+from imgcache.tier import TierNode, rendezvous_order
+
+
+class _HasUrl(Protocol):
+    @property
+    def url(self) -> str: ...
+
+
+NodeT = TypeVar("NodeT", bound=_HasUrl)
 REPO = Path(__file__).resolve().parent.parent
 TIER_CONFIG = REPO / "config" / "tier"
 _PLACEHOLDER = re.compile(r"@([A-Z_]+)@")
@@ -38,6 +49,13 @@ def render(template: Path, values: dict[str, str]) -> str:
     if missing:
         raise KeyError(f"{template}: no value for {', '.join(missing)}")
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], text)
+
+
+def ranked(image_id: str, nodes: Sequence[NodeT]) -> list[NodeT]:
+    """Tier nodes (anything with a ``url``) in the order imgcache tries them for
+    ``image_id``."""
+    by_url = {node.url: node for node in nodes}
+    return [by_url[n.url] for n in rendezvous_order(image_id, [TierNode(u) for u in by_url])]
 
 
 def engine_workdir() -> Path:
