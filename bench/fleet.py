@@ -19,6 +19,7 @@ Needs root, iproute2, curl, and squid and trafficserver from Debian (installed w
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -287,8 +288,9 @@ def report(runs: list[Run], args: argparse.Namespace, problems: list[str],
         "the same round's storm without the tier",
         "killed: the image's tier node (rendezvous hashing) is killed with SIGKILL once "
         "Glance has sent half of the image",
-        "the machine has 2 cores shared with other sessions: every process of the rack "
-        "(16 imgcache, the tier, Glance, the clients, the bridge) competes for them",
+        f"this machine's {len(os.sched_getaffinity(0))} cores are shared with other "
+        f"sessions; every process of the rack ({args.nodes} imgcache, the tier, Glance, the "
+        "clients, the bridge) competes for them",
     ]
     parts = [
         "# imgcache fleet: a cold image on every node of a rack, with and without the tier",
