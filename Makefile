@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 ARGS ?=
 PROMTOOL_DIR ?= $(HOME)/.cache/imgcache/promtool
 
-.PHONY: setup serve demo test lint system-deps glance-venv bench clean systemd-verify promtool
+.PHONY: setup serve demo test lint system-deps tier-deps glance-venv bench clean systemd-verify \
+	promtool
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +36,22 @@ system-deps:
 	    && apt-get install -y -qq curl strace tinyproxy-bin iproute2; \
 	  else echo "install curl, strace, tinyproxy and iproute2" \
 	    "(apt-get install curl strace tinyproxy-bin iproute2)" >&2; exit 1; fi; }
+
+## tier-deps: the shared tier's engines, Apache Traffic Server and Squid, from Debian (their
+## services kept from starting while they install: policy-rc.d), and iproute2 for the
+## network namespaces of tests/test_fleet.py
+tier-deps:
+	@command -v traffic_server >/dev/null && { command -v squid || test -x /usr/sbin/squid; } \
+	  >/dev/null && command -v ip >/dev/null && command -v tc >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    added=; if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d \
+	      && chmod 755 /usr/sbin/policy-rc.d && added=1; fi; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      trafficserver squid iproute2; rc=$$?; \
+	    if [ -n "$$added" ]; then rm -f /usr/sbin/policy-rc.d; fi; exit $$rc; \
+	  else echo "install trafficserver, squid and iproute2" \
+	    "(apt-get install trafficserver squid iproute2)" >&2; exit 1; fi; }
 
 ## systemd-deps: systemd-analyze, which checks systemd/imgcache.service (Debian's systemd;
 ## installing it in a container without systemd running starts nothing)
@@ -81,7 +98,7 @@ lint: setup
 	$(BIN)/ruff check imgcache tests bench
 
 ## test: everything the tests need, then lint and the whole test suite
-test: setup system-deps systemd-deps promtool glance-venv lint
+test: setup system-deps systemd-deps tier-deps promtool glance-venv lint
 	$(BIN)/python -m pytest -p no:cacheprovider $(ARGS)
 
 ## bench: hit throughput against nginx and a cold boot storm (see bench/README.md)

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,7 @@ from imgcache.predictions import Predictions
 from imgcache.prefetch import Prefetcher
 from imgcache.responses import ZeroCopySender
 from imgcache.store import Store
+from imgcache.tier import Tier
 from imgcache.upstream import Upstream, tls_context
 from imgcache.verify import Verifier
 
@@ -125,8 +127,12 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
         await upstream.start()
         authorizer = RecordingAuthorizer(upstream, settings.decision_ttl, metrics,
                                          settings.policy_check, history=history)
+        tier = _tier(settings, metrics, tls)
+        if tier is not None:
+            await tier.start()
         fills = FillRegistry(store, upstream, metrics, control, pipeline,
-                             retries=settings.retries, retry_backoff=settings.retry_backoff)
+                             retries=settings.retries, retry_backoff=settings.retry_backoff,
+                             tier=tier)
         verifier = Verifier(store, metrics)
         services = Services(
             upstream=upstream,
@@ -164,6 +170,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
         await fills.close()
         verifier.close()
         await roles.close()
+        if tier is not None:
+            await tier.close()
         await upstream.close()
         await open_files.close()
         await history.close()
@@ -178,6 +186,15 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
             app.router.add_get(path, serve_versions, allow_head=False)
     app.router.add_route("*", "/{tail:.*}", dispatch)
     return app
+
+
+def _tier(settings: Settings, metrics: Metrics, tls: ssl.SSLContext) -> Tier | None:
+    """The shared tier of ``[tier] urls``, or None when none is configured."""
+    if not settings.tier_urls:
+        return None
+    return Tier(settings.tier_urls, metrics, connect_timeout=settings.tier_connect_timeout,
+                read_timeout=settings.tier_read_timeout, backoff=settings.tier_backoff,
+                ssl_context=tls)
 
 
 def create_metrics_app(metrics: Metrics,

@@ -96,6 +96,14 @@ def parse_roles(text: str) -> frozenset[str]:
     if any(not re.fullmatch(r"[\w.:-]+", role) for role in roles):
         raise ValueError("expected role names such as admin, or admin,image_cache_admin")
     return roles
+def parse_tier_urls(text: str) -> tuple[str, ...]:
+    """Parse the tier nodes' base URLs (comma-separated, empty for no tier); each node once."""
+    if not text.strip():
+        return ()
+    urls = parse_urls(text)
+    if len(set(urls)) != len(urls):
+        raise ValueError("a tier node is listed twice")
+    return urls
 
 
 def parse_optional_path(text: str) -> Path | None:
@@ -228,6 +236,19 @@ OPTIONS: tuple[Option, ...] = (
            "PEM private key of cert_file, unencrypted (needs cert_file)."),
     Option("insecure", "upstream", "insecure", "insecure", parse_bool, "false",
            "Skip verifying Glance's https certificate (logs a warning at start)."),
+    Option("tier_urls", "tier", "urls", "tier", parse_tier_urls, "",
+           "Base URLs of the shared tier's nodes (reverse proxies of Glance's image data, "
+           "such as Squid or Traffic Server), comma-separated; every compute node of a rack "
+           "lists the same ones. Empty: fills go straight to Glance."),
+    Option("tier_connect_timeout", "tier", "connect_timeout", "tier-connect-timeout",
+           _positive(parse_duration), "2s",
+           "Time allowed to connect to a tier node before the fill goes to the next source."),
+    Option("tier_read_timeout", "tier", "read_timeout", "tier-read-timeout",
+           _positive(parse_duration), "15s",
+           "Longest silence from a tier node before the fill goes to the next source."),
+    Option("tier_backoff", "tier", "backoff", "tier-backoff", _positive(parse_duration),
+           "5s", "How long fills skip a tier node that could not be reached or went silent; "
+           "doubled for each further failure in a row, at most 5 minutes."),
     Option("cache_dir", "cache", "dir", "cache-dir", Path, "/var/cache/imgcache",
            "Directory of the cache: image files, partial fills and the index."),
     Option("max_size", "cache", "max_size", "max-size", _positive(parse_size), "10G",
@@ -296,6 +317,10 @@ class Settings:
     cert_file: Path | None
     key_file: Path | None
     insecure: bool
+    tier_urls: tuple[str, ...]
+    tier_connect_timeout: float
+    tier_read_timeout: float
+    tier_backoff: float
     cache_dir: Path
     max_size: int
     decision_ttl: float

@@ -29,6 +29,7 @@ from imgcache.keys import data_path
 from imgcache.metrics import Metrics
 from imgcache.sink import DiskAndHashSink, call_on_loop
 from imgcache.store import Entry, Reservation, Store
+from imgcache.tier import SourcePlan, Tier
 from imgcache.transfer import GlanceRefused, ResumableDownload
 from imgcache.upstream import Upstream
 
@@ -251,8 +252,9 @@ class FillRegistry:
 
     def __init__(self, store: Store, upstream: Upstream, metrics: Metrics,
                  control: ThreadPoolExecutor, pipeline: ThreadPoolExecutor, *,
-                 retries: int, retry_backoff: float) -> None:
+                 retries: int, retry_backoff: float, tier: Tier | None = None) -> None:
         self._store = store
+        self._tier = tier
         self._retries = retries
         self._retry_backoff = retry_backoff
         self._upstream = upstream
@@ -271,7 +273,8 @@ class FillRegistry:
         """Where a caller Glance allowed (its request ``headers``) reads this image content
         from: the fill in flight (joined, the caller's credentials added to it), a new fill,
         the committed entry if one appeared meanwhile, or Bypass when it cannot be cached
-        now. Synchronous, so that two callers can never both start a fill."""
+        now. Synchronous, so that two callers can never both start a fill. A new fill
+        downloads through the tier when one is configured."""
         fill = self._fills.get(image_id)
         if fill is not None and fill.expected == expected:
             fill.callers.add(headers)
@@ -282,18 +285,25 @@ class FillRegistry:
         if fill is not None:
             return Bypass("a fill of older content of this image is still running")
         try:
-            reservation = self._store.reserve(expected.size)
+            fill = self._start(image_id, expected, AllowedCallers(headers),
+                               self._tier.plan(image_id) if self._tier is not None else None)
         except NoSpace as exc:
             return Bypass(str(exc))
-        fill = Fill(image_id, expected, self._store.new_partial_path(image_id),
-                    AllowedCallers(headers))
+        return Joined(fill, started=True)
+
+    def _start(self, image_id: str, expected: Expected, callers: AllowedCallers,
+               plan: SourcePlan | None) -> Fill:
+        """Reserve room and start a fill (through the tier along ``plan``, else straight
+        from Glance). Raises NoSpace."""
+        reservation = self._store.reserve(expected.size)
+        fill = Fill(image_id, expected, self._store.new_partial_path(image_id), callers)
         self._fills[image_id] = fill
         task = asyncio.get_running_loop().create_task(
-            self._run(fill, reservation), name=f"fill-{image_id}")
+            self._run(fill, reservation, plan), name=f"fill-{image_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self._metrics.fills_in_progress.inc()
-        return Joined(fill, started=True)
+        return fill
 
     async def wait_idle(self) -> None:
         """Return once no fill is running (each committed or failed)."""
@@ -310,12 +320,14 @@ class FillRegistry:
         """Change retries and backoff for fills started from now on (a reload)."""
         self._retries, self._retry_backoff = retries, backoff
 
-    def new_download(self) -> ResumableDownload:
-        """A download from Glance with this registry's retry policy."""
+    def new_download(self, plan: SourcePlan | None = None) -> ResumableDownload:
+        """A download with this registry's retry policy: from Glance, or through the tier
+        along ``plan``."""
         return ResumableDownload(self._upstream, self._metrics, retries=self._retries,
-                                 backoff=self._retry_backoff)
+                                 backoff=self._retry_backoff, plan=plan)
 
-    async def _run(self, fill: Fill, reservation: Reservation) -> None:
+    async def _run(self, fill: Fill, reservation: Reservation,
+                   plan: SourcePlan | None) -> None:
         outcome = "committed"
         loop = asyncio.get_running_loop()
         fds: list[int] = []
@@ -326,8 +338,8 @@ class FillRegistry:
             fds += [write_fd, read_fd]
             fill.opened(read_fd)
             sink = DiskAndHashSink(self._pipeline, write_fd, fill.expected, fill.add_written)
-            await self.new_download().run(data_path(fill.image_id), fill.callers,
-                                          fill.expected.size, sink.feed)
+            await self.new_download(plan).run(data_path(fill.image_id), fill.callers,
+                                              fill.expected.size, sink.feed)
             digest = await sink.finish()
             self._verify(fill, digest)
             fill.passed_verification()
@@ -341,6 +353,9 @@ class FillRegistry:
         except FillError as exc:
             outcome = exc.outcome
             self._fail(fill, reservation, str(exc), outcome, 502)
+            if (outcome == "checksum_mismatch" and plan is not None
+                    and plan.reject_tier_bytes(data_path(fill.image_id))):
+                self._refill_from_glance(fill)
         except UpstreamError as exc:
             outcome = "upstream_error"
             self._fail(fill, reservation, str(exc), outcome, exc.status)
@@ -366,6 +381,18 @@ class FillRegistry:
             self._metrics.fills.labels(outcome).inc()
             self._metrics.fills_in_progress.dec()
             self._forget(fill)
+
+    def _refill_from_glance(self, fill: Fill) -> None:
+        """The tier's bytes of ``fill`` were corrupt: download the image again at once,
+        straight from Glance with the same callers' credentials, so that the cache has it
+        for the next request (this fill's readers were cut, as for any failed fill)."""
+        if fill.image_id in self._fills:
+            return  # a request started a new fill already
+        try:
+            self._start(fill.image_id, fill.expected, fill.callers, None)
+        except NoSpace as exc:
+            log.warning("image %s is not downloaded again from Glance: %s", fill.image_id,
+                        exc)
 
     def _verify(self, fill: Fill, digest: str | None) -> None:
         if fill.written != fill.expected.size:

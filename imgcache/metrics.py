@@ -18,6 +18,9 @@ VERIFY_METHODS = ("os_hash", "checksum", "size_only")
 PREDICTED_CAP_FACTORS = ("0.5", "1", "2", "4")
 #: Windows of imgcache_working_set_bytes (durations as the config writes them).
 WORKING_SET_WINDOWS = ("1d", "7d")
+#: Kinds of imgcache_tier_failures_total: what went wrong at a tier node.
+TIER_FAILURES = ("connect", "timeout", "broken", "status", "refused", "bad_answer", "size",
+                 "checksum")
 
 
 class Metrics:
@@ -103,6 +106,19 @@ class Metrics:
             self.predicted_hit_ratio.labels(factor).set(float("nan"))
         for window in WORKING_SET_WINDOWS:
             self.working_set_bytes.labels(window)
+        self.source_bytes = Counter(
+            "imgcache_source_bytes", "Image bytes downloaded for fills (and their retries) "
+            "by source: glance, or the URL of a tier node.", ["source"], registry=r)
+        self.tier_failures = Counter(
+            "imgcache_tier_failures", "Downloads that failed at a tier node and went on at "
+            "the next source, by node and kind.", ["node", "kind"], registry=r)
+        self.tier_node_up = Gauge(
+            "imgcache_tier_node_up", "0 from a connection failure or silence at a tier "
+            "node until it answers again (fills skip it for [tier] backoff), else 1.",
+            ["node"], registry=r)
+        self.tier_purges = Counter(
+            "imgcache_tier_purges", "PURGE requests for corrupt objects in the tier, by "
+            "outcome (purged, failed).", ["outcome"], registry=r)
         for result in RESULTS:
             self.requests.labels(result)
             self.served_bytes.labels(result)
@@ -118,3 +134,13 @@ class Metrics:
             self.auth_checks.labels(outcome)
         for kind in ("connect", "timeout", "tls", "broken"):
             self.upstream_errors.labels(kind)
+        self.source_bytes.labels("glance")
+        for outcome in ("purged", "failed"):
+            self.tier_purges.labels(outcome)
+
+    def add_tier_node(self, url: str) -> None:
+        """Export the per-node series of a configured tier node from the start (at 0)."""
+        self.source_bytes.labels(url)
+        self.tier_node_up.labels(url).set(1)
+        for kind in TIER_FAILURES:
+            self.tier_failures.labels(url, kind)

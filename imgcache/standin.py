@@ -806,8 +806,13 @@ def _size(text: str) -> int:
 
 async def _serve(args: argparse.Namespace) -> None:
     """Start a stand-in with generated images, print them as JSON, serve until a signal."""
+    tls = None
+    if args.cert_file:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.cert_file, args.key_file)
     standin = GlanceStandin(
-        args.data_dir, host=args.host, port=args.port, tokens=args.token or ["token-a"]
+        args.data_dir, host=args.host, port=args.port, tokens=args.token or ["token-a"],
+        ssl_context=tls,
     )
     await standin.start()
     try:
@@ -852,9 +857,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--token", action="append", help="a valid token (repeatable; default token-a)"
     )
+    parser.add_argument("--cert-file", type=pathlib.Path,
+                        help="serve https with this PEM certificate (and --key-file)")
+    parser.add_argument("--key-file", type=pathlib.Path, help="the certificate's PEM key")
     args = parser.parse_args(argv)
     args.sizes = ([_size(word) for word in args.image_sizes.read_text().split()]
                   if args.image_sizes else [args.image_size] * args.images)
+    if args.key_file and not args.cert_file:
+        parser.error("--key-file needs --cert-file")
     import uvloop  # here, so importing the module for tests does not need it
 
     uvloop.run(_serve(args))

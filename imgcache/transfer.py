@@ -11,6 +11,10 @@ A download runs on the credentials of callers Glance allowed (``credentials.Allo
 when Glance refuses the current ones (401, 403, 404: a token expired or was revoked before a
 resume), it goes on at once with the next caller's; when every one was refused, it fails with
 Glance's answer.
+
+With a shared tier (``imgcache.tier``) a fill's download carries a ``SourcePlan``: each attempt
+asks it whether to go to a tier node or to Glance. A failure at a tier node moves the download
+on to the next source at once (no backoff, no retry spent), resumed where it broke.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict
@@ -26,6 +32,7 @@ from multidict import CIMultiDict
 from imgcache.credentials import AllowedCallers
 from imgcache.errors import FillError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from imgcache.metrics import Metrics
+from imgcache.tier import SourcePlan, TierNode
 from imgcache.upstream import Upstream, end_to_end_headers
 
 log = logging.getLogger(__name__)
@@ -40,6 +47,20 @@ _MAX_REFUSAL_BYTES = 64 << 10
 
 class _RangeRefused(Exception):
     """Glance's store cannot serve ranges: download from 0 and skip what we have."""
+
+
+class _NextSource(Exception):
+    """A tier node failed the attempt: the next attempt goes to the next source."""
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where the attempt in progress reads from: its name for messages, how a failure while
+    reading its body is translated, and the counter of the bytes it delivered."""
+
+    name: str
+    broken: Callable[[BaseException, str], Exception]
+    delivered: Any  # a prometheus Counter child
 
 
 class _CallerRefused(Exception):
@@ -69,11 +90,14 @@ class ResumableDownload:
     each exactly once."""
 
     def __init__(self, upstream: Upstream, metrics: Metrics, *, retries: int,
-                 backoff: float) -> None:
+                 backoff: float, plan: SourcePlan | None = None) -> None:
         self._upstream = upstream
         self._metrics = metrics
         self._retries = retries
         self._backoff = backoff
+        self._plan = plan  # None: every attempt goes to Glance
+        self._glance = _Source("Glance", upstream.broken, metrics.source_bytes.labels("glance"))
+        self._source = self._glance
         self.received = 0  # absolute offset in the image of the next byte to feed
         self._end = 0
         self._size = 0
@@ -93,6 +117,8 @@ class ResumableDownload:
             try:
                 await self._attempt(path_qs, headers, feed, use_range, failures)
                 return
+            except _NextSource:
+                continue
             except _CallerRefused as refusal:
                 if not callers.refused(headers):
                     raise GlanceRefused(refusal) from None
@@ -116,22 +142,51 @@ class ResumableDownload:
     async def _attempt(self, path_qs: str, caller: CIMultiDict[str],
                        feed: Callable[[bytes], Awaitable[None]], use_range: bool,
                        rotation: int) -> None:
+        node = self._plan.current() if self._plan is not None else None
+        if node is None:
+            self._source = self._glance
+            await self._attempt_at(None, path_qs, caller, feed, use_range, rotation)
+            return
+        assert self._plan is not None
+        self._source = _Source(f"tier node {node.url}", self._plan.broken,
+                               self._metrics.source_bytes.labels(node.url))
+        offset = self.received
+        try:
+            await self._attempt_at(node, path_qs, caller, feed, use_range, rotation)
+        except Exception as exc:
+            if not self._plan.can_fail_over(exc):
+                raise
+            self._plan.failed(node, exc, path_qs)
+            raise _NextSource() from exc
+        finally:
+            if self.received > offset:
+                self._plan.delivered(node)
+
+    async def _attempt_at(self, node: TierNode | None, path_qs: str,
+                          caller: CIMultiDict[str], feed: Callable[[bytes], Awaitable[None]],
+                          use_range: bool, rotation: int) -> None:
         offset = self.received
         partial = offset > 0 or self._end < self._size
+        ranged = partial and use_range
         headers = CIMultiDict(caller)
         for name in _CALLER_DATA_HEADERS:
             headers.popall(name, None)
-        if partial and use_range:
+        if ranged:
             headers["Range"] = f"bytes={offset}-{self._end - 1}"
-        response = await self._upstream.request("GET", path_qs, headers, rotate=rotation,
-                                                image_data=True)
+        if node is None:
+            response = await self._upstream.request("GET", path_qs, headers, rotate=rotation,
+                                                    image_data=True)
+        else:
+            assert self._plan is not None
+            response = await self._plan.get(node, path_qs, headers, offset if ranged else 0,
+                                            self._end if ranged else self._size, self._size)
         try:
             if response.status in REFUSALS:
                 body = await self._upstream.read_body(response, _MAX_REFUSAL_BYTES,
                                                       "a refused data GET")
                 raise _CallerRefused(response.status, end_to_end_headers(response.headers),
                                      body)
-            skip = self._bytes_to_skip(response, offset, partial and use_range)
+            skip = self._bytes_to_skip(response, offset, ranged)
             if offset:
                 self._metrics.fill_resumes.labels("restart" if skip else "range").inc()
             await self._stream(response, skip, feed)
@@ -165,29 +220,31 @@ class ResumableDownload:
         while self.received < self._end:
             chunk = await self._read(_next_piece(response.content))
             if not chunk:
-                raise UpstreamError(f"Glance ended the body at byte {self.received}, "
-                                    f"expected {self._end}")
+                raise UpstreamError(f"{self._source.name} ended the body at byte "
+                                    f"{self.received}, expected {self._end}")
             self._metrics.upstream_bytes.inc(len(chunk))
+            self._source.delivered.inc(len(chunk))
             if skip:
                 dropped = min(skip, len(chunk))
                 chunk, skip = chunk[dropped:], skip - dropped
             if self.received + len(chunk) > self._end:
                 if self._end == self._size:
-                    raise FillError("Glance sent more bytes than its metadata says",
-                                    "size_mismatch")
+                    raise FillError(f"{self._source.name} sent more bytes than Glance's "
+                                    "metadata says", "size_mismatch")
                 chunk = chunk[: self._end - self.received]  # a 200 to a range: enough
             if chunk:
                 await feed(chunk)
                 self.received += len(chunk)
         if (self._end == self._size and not response.content.at_eof()
                 and await self._read(response.content.read(1))):
-            raise FillError("Glance sent more bytes than its metadata says", "size_mismatch")
+            raise FillError(f"{self._source.name} sent more bytes than Glance's metadata "
+                            "says", "size_mismatch")
 
     async def _read(self, reading: Awaitable[bytes]) -> bytes:
         try:
             return await reading
         except Exception as exc:
-            raise self._upstream.broken(exc, "an image download") from exc
+            raise self._source.broken(exc, "an image download") from exc
 
 
 async def _next_piece(content: aiohttp.StreamReader) -> bytes:

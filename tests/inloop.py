@@ -65,4 +65,15 @@ class Imgcache:
             return response.status, dict(response.headers), body
 
 
+async def storm(imgcache: Imgcache, image_id: str, clients: int = 6) -> list[bytes]:
+    """``clients`` downloads of one image at once; each must answer 200. Their bodies."""
+
+    async def one() -> bytes:
+        status, _, body = await imgcache.get(image_id)
+        assert status == 200
+        return body
+
+    return await asyncio.gather(*(one() for _ in range(clients)))
+
+
 ImgcacheFactory = Callable[..., Any]

@@ -1,5 +1,6 @@
-"""A throwaway PKI for TLS tests: a CA, a server certificate for 127.0.0.1 (SAN IP) and a
-client certificate from a second CA, written as PEM files (with ``cryptography``)."""
+"""A throwaway PKI for TLS tests: a CA, a server certificate for 127.0.0.1 (SAN IP, or the
+addresses asked for) and a client certificate from a second CA, written as PEM files (with
+``cryptography``)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _certificate(subject: str, key: Key, issuer: x509.Certificate | None, issuer_key: Key,
-                 *, ca: bool, usage: x509.ObjectIdentifier | None = None) -> x509.Certificate:
+                 *, ca: bool, usage: x509.ObjectIdentifier | None = None,
+                 server_ips: tuple[str, ...] = ("127.0.0.1",)) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
@@ -42,7 +44,8 @@ def _certificate(subject: str, key: Key, issuer: x509.Certificate | None, issuer
                           encipher_only=False, decipher_only=False), critical=True)
     if usage == ExtendedKeyUsageOID.SERVER_AUTH:
         builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(ip)) for ip in server_ips]),
             critical=False)
     if usage is not None:
         builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
@@ -66,7 +69,7 @@ class Pki:
     """PEM files of the test PKI."""
 
     ca_file: Path  # the CA that signed the server certificate
-    server_cert: Path  # for IP 127.0.0.1 only
+    server_cert: Path  # for IP 127.0.0.1 only, unless other addresses were asked for
     server_key: Path
     client_ca_file: Path  # the CA that signed the client certificate
     client_cert: Path
@@ -85,16 +88,17 @@ class Pki:
         return context
 
 
-def make_pki(directory: Path) -> Pki:
-    """Generate the CAs, certificates and keys into ``directory``."""
+def make_pki(directory: Path, server_ips: tuple[str, ...] = ("127.0.0.1",)) -> Pki:
+    """Generate the CAs, certificates and keys into ``directory``; the server certificate
+    is for the addresses ``server_ips``."""
     directory.mkdir(parents=True, exist_ok=True)
     ca_key, client_ca_key, server_key, client_key = (
         ec.generate_private_key(ec.SECP256R1()) for _ in range(4))
     ca = _certificate("imgcache test CA", ca_key, None, ca_key, ca=True)
     client_ca = _certificate("imgcache test client CA", client_ca_key, None, client_ca_key,
                              ca=True)
-    server = _certificate("127.0.0.1", server_key, ca, ca_key, ca=False,
-                          usage=ExtendedKeyUsageOID.SERVER_AUTH)
+    server = _certificate(server_ips[0], server_key, ca, ca_key, ca=False,
+                          usage=ExtendedKeyUsageOID.SERVER_AUTH, server_ips=server_ips)
     client = _certificate("imgcache on a compute node", client_key, client_ca, client_ca_key,
                           ca=False, usage=ExtendedKeyUsageOID.CLIENT_AUTH)
     files = {

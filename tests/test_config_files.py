@@ -69,8 +69,11 @@ def documented_metrics() -> set[str]:
 
 
 def exported_metrics() -> set[str]:
-    """Sample names a fresh imgcache.metrics.Metrics() exposes at /metrics."""
-    text = generate_latest(Metrics().registry).decode()
+    """Sample names a fresh imgcache.metrics.Metrics() exposes at /metrics, with one tier
+    node configured (the per-node series exist only then)."""
+    metrics = Metrics()
+    metrics.add_tier_node("http://tier-1.example:3128")
+    text = generate_latest(metrics.registry).decode()
     return {re.split(r"[{ ]", line, maxsplit=1)[0]
             for line in text.splitlines() if line and not line.startswith("#")}
 
@@ -205,7 +208,7 @@ def run_promtool(*args: str) -> str:
 
 
 def test_promtool_accepts_the_rules() -> None:
-    assert "SUCCESS: 8 rules found" in run_promtool("check", "rules", str(RULES))
+    assert "SUCCESS: 10 rules found" in run_promtool("check", "rules", str(RULES))
 
 
 def test_promtool_parses_every_dashboard_expression(tmp_path: Path) -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import random
 
 import aiohttp
 import pytest
-from inloop import TOKEN, Imgcache, ImgcacheFactory
+from inloop import TOKEN, ImgcacheFactory, storm
 from netlink.link import Network
 
 from imgcache.standin import Fault, GlanceStandin
@@ -18,15 +17,6 @@ MiB = 1 << 20
 
 def sha512(data: bytes) -> str:
     return hashlib.sha512(data).hexdigest()
-
-
-async def storm(imgcache: Imgcache, image_id: str, clients: int = 6) -> list[bytes]:
-    async def one() -> bytes:
-        status, _, body = await imgcache.get(image_id)
-        assert status == 200
-        return body
-
-    return await asyncio.gather(*(one() for _ in range(clients)))
 
 
 @pytest.mark.parametrize(("fault", "how", "data_gets"), [
