@@ -54,14 +54,27 @@ def replay(server: ImgcacheProcess, ids: list[str]) -> None:
             server.wait_for_metric('imgcache_fills_total{outcome="committed"}', committed)
 
 
+def wait_for_counted_requests(server: ImgcacheProcess, total: int) -> dict[str, float]:
+    """imgcache_requests_total by result, once its results add up to ``total``."""
+    deadline = time.monotonic() + 30
+    while True:
+        counts = {result: server.metric(f'imgcache_requests_total{{result="{result}"}}')
+                  for result in ("hit", "miss", "coalesced", "bypass", "denied", "error")}
+        if sum(counts.values()) >= total or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.05)
+
+
 def test_sizing_predicts_what_the_server_measured(tmp_path: Path,
                                                   standin: StandinProcess) -> None:
     server = ImgcacheProcess(standin.url, tmp_path / "cache", max_size="3M",
                              extra=("--predict-interval", "1s"))
     try:
         replay(server, standin.image_ids)
-        hits = server.metric('imgcache_requests_total{result="hit"}') + server.metric(
-            'imgcache_requests_total{result="coalesced"}')
+        # A request is counted once its handler ends, which may be just after the client
+        # read the last byte: wait for every one before comparing.
+        counts = wait_for_counted_requests(server, len(SEQUENCE))
+        hits = counts["hit"] + counts["coalesced"]
         caps = [MiB, 2 * MiB, 3 * MiB, 4 * MiB, 6 * MiB]
         done = sizing("--socket", str(server.admin_socket), "--json",
                       "--caps", ",".join(f"{c // MiB}M" for c in caps))
