@@ -30,7 +30,7 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDict
 
-from imgcache.credentials import credential_fingerprint
+from imgcache.credentials import DATA_REQUEST_HEADERS, credential_fingerprint
 from imgcache.decisions import Decisions
 from imgcache.digest import Expected, expected_from_metadata
 from imgcache.errors import UpstreamError
@@ -40,10 +40,6 @@ from imgcache.upstream import Upstream, end_to_end_headers
 
 log = logging.getLogger(__name__)
 
-#: Request headers that describe the client's own data request, not who it is: never sent
-#: on the questions asked for it.
-DATA_REQUEST_HEADERS = ("Range", "If-Range", "Accept-Encoding", "If-Match", "If-None-Match",
-                        "If-Modified-Since", "If-Unmodified-Since")
 #: Values of ``[auth] policy_check``.
 POLICY_CHECKS = ("download", "metadata")
 _MAX_METADATA_BYTES = 4 << 20
@@ -125,12 +121,17 @@ class Authorizer:
         return self._decisions.ttl
 
     def set_ttl(self, ttl: float) -> None:
-        """Change the decision TTL (a reload); answers already kept keep their expiry."""
-        self._decisions.ttl = ttl
+        """Change the decision TTL (a reload); answers already kept expire within it."""
+        self._decisions.set_ttl(ttl)
 
     def set_policy_check(self, policy_check: str) -> None:
-        """Change which question is asked (a reload); answers already kept stay."""
+        """Change which question is asked (a reload); a change forgets every answer kept,
+        which was the answer to the other question."""
         assert policy_check in POLICY_CHECKS
+        if policy_check != self._policy_check:
+            self._decisions.clear()
+            for question in self._asking.values():
+                question.remember = False
         self._policy_check = policy_check
 
     async def authorize(self, image_id: str, headers: Mapping[str, str]) -> ImageInfo:

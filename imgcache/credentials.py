@@ -25,8 +25,16 @@ NON_IDENTITY_HEADERS = frozenset({
     "x-openstack-request-id", "te", "upgrade", "via", "x-forwarded-for", "traceparent",
     "tracestate",
 })
-#: Callers' credentials a fill keeps to go on with when Glance refuses the current ones.
+#: Request headers that describe the client's own data request, not who it is: never sent
+#: on the questions asked for it, nor on the downloads it shares with other callers.
+DATA_REQUEST_HEADERS = ("Range", "If-Range", "Accept-Encoding", "If-Match", "If-None-Match",
+                        "If-Modified-Since", "If-Unmodified-Since")
+#: Callers' credentials a fill keeps to go on with when Glance refuses the current ones (the
+#: starter's, which is never crowded out, and the newest joiners').
 MAX_KEPT_CALLERS = 8
+#: Headers that carry a bearer credential: a fill keeps one caller per distinct value of
+#: these, so that one caller repeating its token with other headers takes one place.
+TOKEN_HEADERS = ("x-auth-token", "x-storage-token", "x-service-token", "authorization")
 
 
 def credential_fingerprint(headers: Mapping[str, str]) -> str | None:
@@ -46,14 +54,31 @@ def credential_fingerprint(headers: Mapping[str, str]) -> str | None:
     return digest.hexdigest()
 
 
+def _caller_key(headers: Mapping[str, str]) -> str:
+    """Which kept caller these headers are: their bearer credentials when they carry any,
+    else their whole fingerprint."""
+    tokens = [(name, value) for name, value in sorted(
+        (name.lower().replace("_", "-"), value) for name, value in headers.items())
+        if name in TOKEN_HEADERS]
+    if not tokens:
+        return credential_fingerprint(headers) or ""
+    digest = hashlib.sha256()
+    for name, value in tokens:
+        digest.update(f"{name}\0{value}\0".encode("utf-8", "surrogateescape"))
+    return "token:" + digest.hexdigest()
+
+
 class AllowedCallers:
     """The request headers of callers Glance allowed to download one image, newest first:
     a download goes on with them, and with the next one when Glance refuses the current one
-    (a token expired or was revoked mid-download). At most MAX_KEPT_CALLERS are kept; the
-    headers are never logged."""
+    (a token expired or was revoked mid-download). At most MAX_KEPT_CALLERS are kept, one per
+    bearer credential; the first caller's are kept until Glance refuses them, however many
+    join after it (so that joiners refused later, or one caller joining again and again,
+    never leave a fill without its starter's credentials). The headers are never logged."""
 
     def __init__(self, first: Mapping[str, str]) -> None:
         self._callers: OrderedDict[str, CIMultiDict[str]] = OrderedDict()
+        self._first = _caller_key(first)
         self.add(first)
 
     def __len__(self) -> int:
@@ -61,11 +86,12 @@ class AllowedCallers:
 
     def add(self, headers: Mapping[str, str]) -> None:
         """Another allowed caller: its credentials are tried first from now on."""
-        key = credential_fingerprint(headers) or ""
+        key = _caller_key(headers)
         self._callers.pop(key, None)
         self._callers[key] = CIMultiDict(headers)
         while len(self._callers) > MAX_KEPT_CALLERS:
-            self._callers.popitem(last=False)
+            oldest = next(key for key in self._callers if key != self._first)
+            del self._callers[oldest]
 
     def current(self) -> CIMultiDict[str] | None:
         """The headers to download with now (None once every caller was refused)."""
@@ -76,5 +102,5 @@ class AllowedCallers:
     def refused(self, headers: Mapping[str, str]) -> bool:
         """Glance refused these headers: never use them again. Returns whether another
         caller's are left to go on with."""
-        self._callers.pop(credential_fingerprint(headers) or "", None)
+        self._callers.pop(_caller_key(headers), None)
         return bool(self._callers)

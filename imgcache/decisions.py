@@ -31,6 +31,23 @@ class Decisions(Generic[T]):
     def __len__(self) -> int:
         return len(self._allowed)
 
+    def set_ttl(self, ttl: float) -> None:
+        """Change the TTL (a reload): answers already kept expire no later than the new TTL
+        from now, so that a shorter TTL (0 included) closes the window at once."""
+        self.ttl = ttl
+        if ttl <= 0:
+            self.clear()
+            return
+        latest = time.monotonic() + ttl
+        for key, (expires, answer) in self._allowed.items():
+            if expires > latest:
+                self._allowed[key] = (latest, answer)
+
+    def clear(self) -> None:
+        """Forget every answer."""
+        self._allowed.clear()
+        self._by_image.clear()
+
     def get(self, fingerprint: str, image_id: str) -> T | None:
         """The remembered answer, or None if there is none or it expired."""
         remembered = self._allowed.get((fingerprint, image_id))

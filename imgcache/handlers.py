@@ -24,7 +24,7 @@ from imgcache.history import AccessHistory
 from imgcache.keys import parse_image_id
 from imgcache.metrics import Metrics
 from imgcache.openfiles import OpenFiles
-from imgcache.passthrough import pass_through
+from imgcache.passthrough import forward, pass_through, relay
 from imgcache.prefetch import Prefetcher
 from imgcache.ranges import ByteRange, requested_range
 from imgcache.responses import ZeroCopySender, reset_connection
@@ -40,8 +40,9 @@ log = logging.getLogger("imgcache.access")
 
 _DATA_PATH = re.compile(r"^/v2/images/([^/]+)/file$")
 REQUEST_ID_HEADER = "X-OpenStack-Request-ID"
-#: Image statuses whose cached data must not be served any more.
-GONE_STATUSES = frozenset({"deactivated", "deleted", "pending_delete", "killed"})
+#: Statuses that end an image's cached life. A deleted image is never among them: Glance
+#: answers 404 for it, as for an image the caller may not see.
+GONE_STATUSES = frozenset({"deactivated", "killed"})
 
 
 @dataclass
@@ -239,11 +240,19 @@ class ImageDataRequest:
     async def _send_from_glance(self, info: ImageInfo,
                                 byte_range: ByteRange | None) -> web.StreamResponse:
         """Not from the cache. A whole image is streamed from Glance and verified on its way
-        (hashed, its tail held back); a range is Glance's own answer, passed through (a range
-        cannot be checked against the image's hash without reading the whole image)."""
+        (hashed, its tail held back); a range is Glance's own 206, passed through (a range
+        cannot be checked against the image's hash without reading the whole image). A store
+        that answers a range with the whole image gets the whole-image path: verified."""
         if byte_range is not None:
-            return await pass_through(self.services.upstream, self.services.metrics,
-                                      self.request, "BYPASS", self._count_sent)
+            services = self.services
+            answer = await forward(services.upstream, services.metrics, self.request,
+                                   image_data=True)
+            if answer.status != 200:
+                return await relay(services.upstream, services.metrics, self.request, answer,
+                                   "BYPASS", self._count_sent)
+            answer.close()  # its body is not wanted: not read to reuse the connection
+            log.info("image %s: Glance answered a range with the whole image; streaming "
+                     "the whole image, verified", info.image_id)
         assert info.expected is not None
         response = self._image_response(info, None)
 

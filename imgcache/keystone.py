@@ -156,8 +156,9 @@ class KeystoneRoles:
             await self._session.close()
 
     def set_ttl(self, ttl: float) -> None:
-        """How long a valid token's answer is reused from now on (a reload)."""
-        self._valid.ttl = ttl
+        """How long a valid token's answer is reused from now on (a reload); answers kept
+        expire within it."""
+        self._valid.set_ttl(ttl)
 
     @property
     def known_url(self) -> str | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import aiohttp
 from aiohttp import web
 
 from imgcache.metrics import Metrics
@@ -26,10 +27,24 @@ async def pass_through(upstream: Upstream, metrics: Metrics, request: web.Reques
     answers itself, which go through ``[upstream] proxy`` when one is set); ``on_sent``
     counts the body bytes sent. A body that breaks off ends the client's connection with a
     reset, never a clean end."""
+    answer = await forward(upstream, metrics, request, image_data=cache_status is not None)
+    return await relay(upstream, metrics, request, answer, cache_status, on_sent)
+
+
+async def forward(upstream: Upstream, metrics: Metrics, request: web.Request, *,
+                  image_data: bool) -> aiohttp.ClientResponse:
+    """Send the request to Glance as it came (its body streamed); Glance's answer, its body
+    not read yet."""
     metrics.passthrough_requests.inc()
     body = request.content if request.body_exists else None
-    answer = await upstream.request(request.method, request.raw_path, request.headers,
-                                    data=body, image_data=cache_status is not None)
+    return await upstream.request(request.method, request.raw_path, request.headers,
+                                  data=body, image_data=image_data)
+
+
+async def relay(upstream: Upstream, metrics: Metrics, request: web.Request,
+                answer: aiohttp.ClientResponse, cache_status: str | None = None,
+                on_sent: Callable[[int], None] | None = None) -> web.StreamResponse:
+    """Stream Glance's ``answer`` back to the client (see pass_through), and release it."""
     try:
         response = web.StreamResponse(status=answer.status, reason=answer.reason)
         response.headers.extend(end_to_end_headers(answer.headers))

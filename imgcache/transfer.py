@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDict
 
-from imgcache.credentials import AllowedCallers
+from imgcache.credentials import DATA_REQUEST_HEADERS, AllowedCallers
 from imgcache.errors import FillError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from imgcache.metrics import Metrics
 from imgcache.tier import SourcePlan, TierNode
@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 #: Statuses with which Glance refuses the credentials a data GET was sent with.
 REFUSALS = frozenset({401, 403, 404})
-#: Headers of the caller's own data request, never sent on a download made for it.
-_CALLER_DATA_HEADERS = ("Range", "If-Range", "Accept-Encoding")
 _MAX_REFUSAL_BYTES = 64 << 10
 
 
@@ -169,7 +167,7 @@ class ResumableDownload:
         partial = offset > 0 or self._end < self._size
         ranged = partial and use_range
         headers = CIMultiDict(caller)
-        for name in _CALLER_DATA_HEADERS:
+        for name in DATA_REQUEST_HEADERS:
             headers.popall(name, None)
         if ranged:
             headers["Range"] = f"bytes={offset}-{self._end - 1}"

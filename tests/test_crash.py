@@ -30,13 +30,15 @@ def image_hashes(standin: StandinProcess, image_id: str) -> str:
 def download(server: ImgcacheProcess, image_id: str, headers_file: Path) -> tuple[str, str]:
     """(X-Cache-Status, sha512 of the body) of a curl download through imgcache."""
     done = subprocess.run(
-        f"curl -sS -f -D {headers_file} -H 'X-Auth-Token: {TOKEN}' "
+        f"set -o pipefail; curl -sS -f -D {headers_file} -H 'X-Auth-Token: {TOKEN}' "
         f"{server.url}/v2/images/{image_id}/file | sha512sum",
-        shell=True, capture_output=True, text=True, timeout=120, check=True)
-    headers = headers_file.read_text()
-    status = next(line.split(":", 1)[1].strip() for line in headers.splitlines()
-                  if line.lower().startswith("x-cache-status:"))
-    return status, done.stdout.split()[0]
+        shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=120)
+    headers = headers_file.read_text() if headers_file.exists() else ""
+    assert done.returncode == 0, (done.stderr, headers)
+    status = [line.split(":", 1)[1].strip() for line in headers.splitlines()
+              if line.lower().startswith("x-cache-status:")]
+    assert len(status) == 1, headers
+    return status[0], done.stdout.split()[0]
 
 
 def test_kill_9_at_random_moments_never_serves_a_partial_entry(tmp_path: Path) -> None:
