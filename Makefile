@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
+SUITE ?= hits_storms
 PROMTOOL_DIR ?= $(HOME)/.cache/imgcache/promtool
 
 .PHONY: setup serve demo test lint system-deps tier-deps glance-venv bench clean systemd-verify \
@@ -101,9 +102,10 @@ lint: setup
 test: setup system-deps systemd-deps tier-deps promtool glance-venv lint
 	$(BIN)/python -m pytest -p no:cacheprovider $(ARGS)
 
-## bench: hit throughput against nginx and a cold boot storm (see bench/README.md)
+## bench: a benchmark suite, bench/$(SUITE)/run.py (default hits_storms: hit throughput against
+## nginx and a cold boot storm; SUITE=peers, fleet, sizing; see bench/README.md)
 bench: setup
-	$(BIN)/python bench/run.py $(ARGS)
+	$(BIN)/python -m bench.$(SUITE).run $(ARGS)
 
 clean:
 	rm -rf $(VENV) var bench/work

@@ -5,7 +5,7 @@ node at once and measures what the issue asks: Glance's egress bytes (its link's
 the wall time until the last node is done, every client's time to first byte; optionally a
 tier node is killed (kill -9) once Glance has sent half of the image.
 
-Used by tests/test_fleet.py (small) and bench/fleet.py (the full runs)."""
+Used by tests/test_fleet.py (small) and bench/fleet/ (the full runs)."""
 
 from __future__ import annotations
 

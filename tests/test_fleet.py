@@ -2,7 +2,7 @@
 2 Traffic Server tier nodes and an https Glance stand-in, in network namespaces on shaped
 links (10 Gbit/s nodes and tier, 400 Mbit/s Glance). One cold image is booted on every node
 at once, without the tier, through it, and through it with the image's tier node killed
-(kill -9) once Glance has sent half of it. bench/fleet.py runs the same with 16 nodes and
+(kill -9) once Glance has sent half of it. bench/fleet/ runs the same with 16 nodes and
 reports times; here only bytes and outcomes are checked (times belong to benchmarks)."""
 
 from __future__ import annotations

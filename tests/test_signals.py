@@ -117,7 +117,7 @@ def test_sighup_reloads_what_can_change_and_refuses_a_bad_config(
 def test_a_cache_of_10000_entries_is_loaded_and_swept_at_start(
     tmp_path: Path, slow_glance: StandinProcess
 ) -> None:
-    """(How fast is measured by bench/startup.py, not here.)"""
+    """(How fast is measured by bench/scaling/startup.py, not here.)"""
     make_cache(tmp_path / "cache", 10_000)
     (tmp_path / "cache" / "partial" / "leftover.partial").write_bytes(b"half")
     server = ImgcacheProcess(slow_glance.url, tmp_path / "cache")

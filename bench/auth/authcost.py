@@ -1,4 +1,4 @@
-"""What Glance's download check costs a hit: ``.venv/bin/python bench/authcost.py``.
+"""What Glance's download check costs a hit: ``.venv/bin/python -m bench.auth.authcost``.
 
 Two ``imgcache serve`` in front of one fast Glance stand-in (nginx: the image JSON, and the
 bytes with Range support, so the check is answered as a file-store Glance answers it), the
@@ -28,19 +28,16 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from debian import find_or_install
-from glance_nginx import Nginx, Route, find_or_install_nginx
-from images import ensure_image, parse_size
-from imgcache_server import Imgcache
-from lifecycle import exit_status, ignore_interrupts, restore_interrupts, temp_dir
-from procs import Processes
-from report import machine_details
-from report_parts import markdown_table
-from wrk import run_wrk
+from bench.common.glance_nginx import Nginx, Route, find_or_install_nginx
+from bench.common.images import ensure_image, parse_size
+from bench.common.imgcache_server import Imgcache
+from bench.common.installs import find_or_install
+from bench.common.lifecycle import exit_status, ignore_interrupts, restore_interrupts, temp_dir
+from bench.common.paths import REPO, RESULTS, WORK
+from bench.common.procs import Processes
+from bench.common.report_parts import machine_details, markdown_table
+from bench.common.wrk import run_wrk
 
-BENCH_DIR = Path(__file__).resolve().parent
-WORK = BENCH_DIR / "work"
-RESULTS = BENCH_DIR / "results" / "authcost.md"
 MODES = ("download", "metadata")
 _FRESH_TOKENS_LUA = """\
 -- A token imgcache has never seen on every request: every hit asks Glance.
@@ -62,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=5, help="wrk duration per run (5)")
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
     parser.add_argument("--reps", type=int, default=3, help="wrk runs per mode (3)")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--output", type=Path, default=RESULTS / "authcost.md")
     return parser.parse_args(argv)
 
 
@@ -128,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
                                           args.seconds).rps)
         checks = {mode: nginx.download_checks(route.image_id) for mode in MODES}
     text = report(args, ttfb, fresh, same, checks,
-                  machine_details(nginx_binary, BENCH_DIR.parent))
+                  machine_details(nginx_binary, REPO))
     print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)
@@ -158,7 +155,8 @@ def report(args: argparse.Namespace, ttfb: dict[str, list[float]],
     ]
     return "\n".join([
         "# The cost of asking Glance's download policy", "",
-        f"`python bench/authcost.py` ({args.requests} first-byte samples per mode, alternating; "
+        f"`python -m bench.auth.authcost` ({args.requests} first-byte samples per mode, "
+        "alternating; "
         f"wrk {args.connections} connections x {args.seconds:.0f} s, {args.reps} runs per mode, "
         f"alternating; a {args.size >> 10} KiB cached image). Glance stand-in: nginx.", "",
         markdown_table(["measure", "policy_check = download", "policy_check = metadata",

@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from debian import find_or_install
-from images import TestImage
-from nginx_base import NginxProcess, main_config, server_block
-from procs import Processes, free_port
+from bench.common.images import TestImage
+from bench.common.installs import find_or_install
+from bench.common.nginx_base import NginxProcess, main_config, server_block
+from bench.common.procs import Processes, free_port
 
 _LOG_FORMAT = "$request_method $uri $status $body_bytes_sent $request_time"
 

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from curls import fetch_text
-from procs import Processes, free_port, wait_listening
+from bench.common.curls import fetch_text
+from bench.common.procs import Processes, free_port, wait_listening
 
 _COMMITTED = 'imgcache_fills_total{outcome="committed"}'
 _SAMPLE = re.compile(r"^([a-zA-Z_:][\w:]*(?:\{[^}]*\})?)\s+(\S+)$")

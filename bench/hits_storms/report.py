@@ -2,52 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import platform
-import sys
-import time
-from pathlib import Path
-
-from images import human_size
-from measure import IMGCACHE, NGINX, Checks, ColdResults, HitResults
-from procs import run_text
-from report_parts import closing_sections, markdown_table, median, verdict
-
-
-def machine_details(nginx_binary: str, repo: Path) -> list[tuple[str, str]]:
-    """(name, value) pairs describing where the run happened."""
-    return [
-        ("date", time.strftime("%Y-%m-%d %H:%M:%S %Z")),
-        ("cpus (nproc)", str(len(os.sched_getaffinity(0)))),
-        ("cpu model", _cpu_model()),
-        ("memory", _memory()),
-        ("kernel", platform.release()),
-        ("python", sys.version.split()[0]),
-        ("nginx", run_text([nginx_binary, "-v"]).removeprefix("nginx version: ")),
-        ("curl", (run_text(["curl", "--version"]) or "?").splitlines()[0]),
-        ("imgcache commit", run_text(["git", "-C", str(repo), "describe", "--always",
-                                      "--dirty"]) or "?"),
-    ]
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
-
-
-def _memory() -> str:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return f"{int(line.split()[1]) / (1 << 20):.1f} GiB"
-    except OSError:
-        pass
-    return "?"
+from bench.common.checks import Checks
+from bench.common.images import human_size
+from bench.common.report_parts import closing_sections, markdown_table, median, verdict
+from bench.hits_storms.measure import IMGCACHE, NGINX, ColdResults, HitResults
 
 
 def _spread(values: list[float], fmt: str) -> str:

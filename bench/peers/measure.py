@@ -1,4 +1,4 @@
-"""The measurements of the peer comparison (``peers.py``): imgcache against nginx
+"""The measurements of the peer comparison (``run.py``): imgcache against nginx
 proxy_cache (two lock settings), Varnish and a direct download, all driven by the same C
 clients (curl processes; wrk for small requests), each figure a sample of a series that the
 report turns into medians and ratios.
@@ -17,21 +17,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from curls import Batch, Download, download, run_batch
-from glance_nginx import Nginx, Route
-from images import TestImage
-from imgcache_server import Imgcache
-from measure import (
+from bench.common.checks import (
     Checks,
-    _verified_indices,
-    _verify_bodies,
     check_batch,
     check_download,
-    data_url,
-    progress,
-    settle,
+    verified_indices,
+    verify_bodies,
 )
-from procs import (
+from bench.common.curls import Batch, Download, data_url, download, run_batch
+from bench.common.glance_nginx import Nginx, Route
+from bench.common.images import TestImage
+from bench.common.imgcache_server import Imgcache
+from bench.common.lifecycle import progress, settle
+from bench.common.procs import (
     Processes,
     cpu_seconds,
     machine_cpu,
@@ -40,7 +38,7 @@ from procs import (
     thread_schedstat,
     write_bytes,
 )
-from wrk import run_wrk
+from bench.common.wrk import run_wrk
 
 IMGCACHE, NGINX, NGINX_1H, VARNISH, DIRECT = "imgcache", "nginx", "nginx-1h", "varnish", "direct"
 #: Pseudo-contenders of the bounds measured in the same run.
@@ -349,7 +347,7 @@ def storm(bench: PeerBench, name: str, upstream: str, route: Route, clients: int
     if imgcache:
         committed_before = imgcache.committed_fills()
         reset_peak_rss(_pid(imgcache))
-    saved = _verified_indices(clients, verify)
+    saved = verified_indices(clients, verify)
     outputs = [str(bench.scratch / f"body-{i}") if i in saved else "/dev/null"
                for i in range(clients)]
     meter = UsageMeter(pids, pids[0] if imgcache else None, up.pids())
@@ -364,7 +362,7 @@ def storm(bench: PeerBench, name: str, upstream: str, route: Route, clients: int
                             f"{committed - committed_before} committed")
         rss = peak_rss(_pid(imgcache))
     logged = wait_logged(lambda: up.data_requests(route.image_id))[logged_before:]
-    verified = _verify_bodies([Path(outputs[i]) for i in sorted(saved)], route.image.sha512)
+    verified = verify_bodies([Path(outputs[i]) for i in sorted(saved)], route.image.sha512)
     if imgcache:
         settle()  # (the commit's fdatasync already flushed the fill)
     written = write_bytes(pids) - written_before

@@ -5,49 +5,22 @@ Each records its raw samples; ``report`` turns them into medians and ratios.
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from curls import Batch, Download, download, run_batch
-from glance_nginx import Nginx, Route
-from images import file_sha512
-from imgcache_server import Imgcache
-from procs import Processes
+from bench.common.checks import Checks, check_batch, check_download, verified_indices, verify_bodies
+from bench.common.curls import Batch, Download, data_url, download, run_batch
+from bench.common.glance_nginx import Nginx, Route
+from bench.common.imgcache_server import Imgcache
+from bench.common.lifecycle import progress, settle
+from bench.common.procs import Processes
 
 IMGCACHE = "imgcache"
 NGINX = "nginx"
-
-
-@dataclass
-class Checks:
-    """Correctness checks made along the way, counted per kind; a failure fails the run."""
-
-    passed: Counter[str] = field(default_factory=Counter)
-    failed: Counter[str] = field(default_factory=Counter)
-    first_failure: dict[str, str] = field(default_factory=dict)
-    seen: dict[str, None] = field(default_factory=dict)  # an ordered set
-
-    def expect(self, name: str, ok: bool, detail: str = "") -> bool:
-        """Record one check of kind ``name``; ``detail`` explains a failure."""
-        self.seen.setdefault(name)
-        if ok:
-            self.passed[name] += 1
-        else:
-            self.failed[name] += 1
-            self.first_failure.setdefault(name, detail)
-            progress(f"CHECK FAILED: {name}: {detail}")
-        return ok
-
-    def names(self) -> list[str]:
-        """Every kind of check made, in the order first seen."""
-        return list(self.seen)
 
 
 @dataclass
@@ -97,39 +70,6 @@ class ColdResults:
     size: int
     clients: int
     reps: list[ColdRep] = field(default_factory=list)
-
-
-def progress(message: str) -> None:
-    """A progress line on stderr (stdout carries the report)."""
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def settle() -> None:
-    """Flush dirty pages so an earlier fill's writeback does not land in the next timing."""
-    os.sync()
-
-
-def data_url(base: str, image_id: str) -> str:
-    """URL of an image's data on a server with Glance's paths."""
-    return f"{base}/v2/images/{image_id}/file"
-
-
-def check_download(checks: Checks, name: str, got: Download, size: int,
-                   cache_status: str | None = None) -> None:
-    """Expect a complete 200 download (and the given X-Cache-Status, if any)."""
-    ok = got.status == 200 and got.size == size and not got.error
-    if cache_status is not None:
-        ok = ok and got.cache_status == cache_status
-    checks.expect(name, ok, f"status {got.status}, {got.size} of {size} bytes, "
-                            f"X-Cache-Status {got.cache_status or '-'} "
-                            f"(wanted {cache_status or 'any'}) {got.error}".strip())
-
-
-def check_batch(checks: Checks, name: str, batch: Batch, size: int,
-                cache_status: str | None = None) -> None:
-    """``check_download`` for every download of a batch."""
-    for got in batch.downloads:
-        check_download(checks, name, got, size, cache_status)
 
 
 def prime_hit(bench: Bench, route: Route) -> None:
@@ -219,13 +159,13 @@ def storm_once(bench: Bench, route: Route, clients: int, verify: int) -> _Storm:
     to commit before returning."""
     settle()
     committed_before = bench.imgcache.committed_fills()
-    saved = _verified_indices(clients, verify)
+    saved = verified_indices(clients, verify)
     outputs = [str(bench.scratch / f"body-{i}") if i in saved else "/dev/null"
                for i in range(clients)]
     batch = run_batch(bench.procs, data_url(bench.imgcache.url, route.image_id), outputs)
     committed, lag = bench.imgcache.wait_committed(committed_before + 1)
     gets = wait_for_gets(bench.nginx, route.image_id)
-    verified = _verify_bodies([Path(outputs[i]) for i in sorted(saved)], route.image.sha512)
+    verified = verify_bodies([Path(outputs[i]) for i in sorted(saved)], route.image.sha512)
     return _Storm(batch, gets, committed - committed_before, lag, verified)
 
 
@@ -242,27 +182,6 @@ def cold_miss(bench: Bench, route: Route) -> Download:
                         committed == committed_before + 1,
                         f"{committed - committed_before} committed")
     return got
-
-
-def _verified_indices(clients: int, verify: int) -> set[int]:
-    """The first and last clients started, alternately, ``verify`` of them."""
-    ends = [i // 2 if i % 2 == 0 else clients - 1 - i // 2 for i in range(clients)]
-    return set(ends[:min(verify, clients)])
-
-
-def _verify_bodies(paths: list[Path], sha512: str) -> int:
-    """How many of ``paths`` hash to ``sha512`` (checked in parallel, then deleted)."""
-    try:
-        with ThreadPoolExecutor(max(1, len(paths))) as pool:
-            digests = list(pool.map(_digest_or_none, paths))
-    finally:
-        for path in paths:
-            path.unlink(missing_ok=True)
-    return sum(1 for digest in digests if digest == sha512)
-
-
-def _digest_or_none(path: Path) -> str | None:
-    return file_sha512(path) if path.exists() else None
 
 
 def direct_one(bench: Bench, route: Route) -> Download:

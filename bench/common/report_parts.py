@@ -1,14 +1,19 @@
-"""Markdown pieces both reports (``report.py``, ``peer_report.py``) are made of: tables,
-the checks and their verdict, the closing samples and machine sections; and the median
-their figures are."""
+"""Markdown pieces the reports are made of: tables, the checks and their verdict, the closing
+samples and machine sections (``machine_details``); and the median their figures are."""
 
 from __future__ import annotations
 
 import math
+import os
+import platform
 import statistics
+import sys
+import time
 from collections.abc import Iterable
+from pathlib import Path
 
-from measure import Checks
+from bench.common.checks import Checks
+from bench.common.procs import run_text
 
 
 def median(values: list[float]) -> float:
@@ -64,3 +69,39 @@ def closing_sections(checks: Checks, samples: str,
         bullets(f"{name}: {value}" for name, value in machine),
         "",
     ]
+
+
+def machine_details(nginx_binary: str, repo: Path) -> list[tuple[str, str]]:
+    """(name, value) pairs describing where the run happened."""
+    return [
+        ("date", time.strftime("%Y-%m-%d %H:%M:%S %Z")),
+        ("cpus (nproc)", str(len(os.sched_getaffinity(0)))),
+        ("cpu model", _cpu_model()),
+        ("memory", _memory()),
+        ("kernel", platform.release()),
+        ("python", sys.version.split()[0]),
+        ("nginx", run_text([nginx_binary, "-v"]).removeprefix("nginx version: ")),
+        ("curl", (run_text(["curl", "--version"]) or "?").splitlines()[0]),
+        ("imgcache commit", run_text(["git", "-C", str(repo), "describe", "--always",
+                                      "--dirty"]) or "?"),
+    ]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def _memory() -> str:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return f"{int(line.split()[1]) / (1 << 20):.1f} GiB"
+    except OSError:
+        pass
+    return "?"

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from procs import Processes, group_pids, wait_listening
+from bench.common.procs import Processes, group_pids, wait_listening
 
 #: What names a server of an nginx (its ``ports`` key).
 K = TypeVar("K")

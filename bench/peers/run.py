@@ -1,5 +1,5 @@
 """imgcache against the caches an operator would pick instead, side by side in one run:
-``.venv/bin/python bench/peers.py [--quick]`` (also ``bench/run.py --suite peers``; see
+``.venv/bin/python -m bench.peers.run [--quick]`` (also ``make bench SUITE=peers``; see
 bench/README.md).
 
 Sets up on 127.0.0.1: nginx as a fast Glance stand-in (full speed, and on links held to
@@ -15,22 +15,34 @@ import argparse
 import contextlib
 import os
 import shlex
-import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
-from caches import NGINX_VARIANTS, NginxCache, Varnish
-from debian import find_or_install
-from glance_nginx import ExtraGlance, Nginx, Route, find_or_install_nginx
-from images import TestImage, ensure_image, human_size, parse_size
-from imgcache_server import Imgcache
-from lifecycle import exit_status, ignore_interrupts, restore_interrupts, show_log, temp_dir
-from measure import Checks, progress
-from peer_measure import (
+from bench.common.checks import Checks
+from bench.common.glance_nginx import ExtraGlance, Nginx, Route, find_or_install_nginx
+from bench.common.images import TestImage, ensure_image, human_size, parse_size
+from bench.common.imgcache_server import Imgcache
+from bench.common.installs import ensure_matplotlib, find_or_install
+from bench.common.lifecycle import (
+    check_curl,
+    check_disk,
+    exit_status,
+    ignore_interrupts,
+    progress,
+    restore_interrupts,
+    scratch_parent,
+    show_log,
+    sweep_stale_runs,
+    temp_dir,
+)
+from bench.common.paths import REPO, RESULTS, WORK
+from bench.common.procs import Processes, run_text
+from bench.common.report_parts import machine_details
+from bench.peers.caches import NGINX_VARIANTS, NginxCache, Varnish
+from bench.peers.glance_api import RealGlanceUpstream
+from bench.peers.measure import (
     DIRECT,
     IMGCACHE,
     NGINX,
@@ -48,13 +60,9 @@ from peer_measure import (
     measure_small,
     measure_storms,
 )
-from peer_report import Sizes, chart, render
-from procs import Processes, group_pids, run_text
-from report import machine_details
-from run import REPO, WORK, check_curl, check_disk, scratch_parent, sweep_stale_runs
-from shaping import LinkShaper, tc_usable
+from bench.peers.report import Sizes, chart, render
+from bench.peers.shaping import LinkShaper, tc_usable
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SCENARIOS = ("hits", "small", "storm", "cold", "big", "real")
 _LINK_UNITS = {"g": 10**9, "m": 10**6}
 
@@ -128,86 +136,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def ensure_matplotlib() -> str:
-    """matplotlib's version, installing it into this venv first when it is missing."""
-    try:
-        import matplotlib
-    except ImportError:
-        progress("matplotlib missing: pip install matplotlib (into this venv)")
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "matplotlib"],
-                       check=True)
-        import matplotlib
-    return str(matplotlib.__version__)
-
-
 def _program_version(cmd: list[str]) -> str:
     return (run_text(cmd) or "?").splitlines()[0]
-
-
-class RealGlanceUpstream:
-    """A real glance-api 33 from tests/realglance.py, with the bench's images uploaded."""
-
-    def __init__(self, state_dir: Path) -> None:
-        sys.path.insert(0, str(REPO / "tests"))
-        from realglance import RealGlance, glance_venv
-
-        self.venv = glance_venv()  # RuntimeError when tests/glance/setup-venv.sh never ran
-        self.glance = RealGlance(state_dir, self.venv)
-
-    def start(self) -> None:
-        """Configure and start glance-api under gunicorn."""
-        self.glance.start()
-
-    def stop(self) -> None:
-        """Stop gunicorn."""
-        self.glance.stop()
-
-    @property
-    def url(self) -> str:
-        """Base URL of the API."""
-        return str(self.glance.url)
-
-    def upload(self, image: TestImage, count: int) -> list[Route]:
-        """``count`` images with ``image``'s bytes; their ids with the hashes Glance holds."""
-        with ThreadPoolExecutor(2) as pool:  # gunicorn runs 2 workers
-            metas = list(pool.map(lambda index: self._create(image, index), range(count)))
-        for meta in metas:
-            if meta["os_hash_value"] != image.sha512:
-                raise RuntimeError(f"Glance's sha512 of {meta['id']} is not the image's")
-        return [Route(meta["id"], image) for meta in metas]
-
-    def _create(self, image: TestImage, index: int, attempts: int = 3) -> dict[str, Any]:
-        """Upload one image; two uploads at once now and then make Glance (sqlite) drop
-        one, so a failed upload is tried again."""
-        for attempt in range(1, attempts + 1):
-            try:
-                return dict(self.glance.create_image(image.path, name=f"bench-{index}"))
-            except (OSError, RuntimeError) as exc:
-                if attempt == attempts:
-                    raise RuntimeError(f"uploading an image to glance-api failed: {exc}\n"
-                                       f"{self.glance.logs()}") from exc
-                progress(f"upload to glance-api failed ({str(exc).splitlines()[0]}); "
-                         "trying again")
-        raise AssertionError("unreachable")
-
-    def pids(self) -> list[int]:
-        """gunicorn's master and workers."""
-        proc = self.glance._proc
-        return group_pids(proc.pid) if proc is not None else []
-
-    def data_requests(self, image_id: str) -> list[int]:
-        """One -1 (bytes unknown) per data GET gunicorn logged."""
-        return [-1] * self.glance.data_gets(image_id)
-
-    def metadata_gets(self, image_id: str) -> int:
-        """GET /v2/images/{id} that gunicorn logged."""
-        needle = f'"GET /v2/images/{image_id} '
-        return sum(needle in line for line in self.glance.access_lines())
-
-    def version(self) -> str:
-        """glance's version in its venv."""
-        return run_text([str(self.venv / "bin" / "python"), "-c",
-                         "import importlib.metadata as m; print(m.version('glance'))"])
 
 
 def plan(args: argparse.Namespace) -> tuple[Routes, dict[str, TestImage]]:
@@ -371,8 +301,7 @@ def run(args: argparse.Namespace) -> int:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     png = args.output_dir / "peers.png"
     drew = chart(results, sizes, png)
-    command = "python bench/peers.py " + shlex.join(sys.argv[1:] if sys.argv[0].endswith(
-        "peers.py") else [a for a in sys.argv[1:] if a not in ("--suite", "peers")])
+    command = "python -m bench.peers.run " + shlex.join(sys.argv[1:])
     text = render(results, checks, sizes, machine, setup, command.strip(), args.reps,
                   png.name if drew else None)
     print(text)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from images import human_size
-from nginx_base import NginxProcess, main_config, server_block
-from procs import Processes, free_port, group_pids, wait_listening
+from bench.common.images import human_size
+from bench.common.nginx_base import NginxProcess, main_config, server_block
+from bench.common.procs import Processes, free_port, group_pids, wait_listening
 
 _LOG_FORMAT = ("$request_method $uri $status $body_bytes_sent $request_time "
                "$upstream_cache_status")

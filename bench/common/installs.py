@@ -1,4 +1,5 @@
-"""Programs the benchmark needs from Debian (nginx, varnish, wrk), installed when missing.
+"""What the benchmarks need installed, installed when missing: programs from Debian (nginx,
+varnish, wrk, Traffic Server, Squid) and matplotlib from PyPI into this venv (the charts).
 
 Installing needs root; the package's own service is kept from starting (``policy-rc.d``
 exit 101): Debian's nginx would listen on 0.0.0.0:80, its varnish on 0.0.0.0:6081.
@@ -9,7 +10,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
+
+from bench.common.lifecycle import progress
 
 _SBIN = ("/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin")
 _updated = False
@@ -52,3 +56,15 @@ def find_or_install(binary: str, package: str) -> str:
     if not found:
         raise RuntimeError(f"apt-get installed {package} but no {binary} was found")
     return found
+
+
+def ensure_matplotlib() -> str:
+    """matplotlib's version, installing it into this venv first when it is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        progress("matplotlib missing: pip install matplotlib (into this venv)")
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "matplotlib"],
+                       check=True)
+        import matplotlib
+    return str(matplotlib.__version__)

@@ -8,10 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from images import human_size
-from measure import Checks
-from peer_measure import BOUND, DIRECT, IMGCACHE, NGINX, NGINX_1H, VARNISH, Results
-from report_parts import (
+from bench.common.checks import Checks
+from bench.common.images import human_size
+from bench.common.report_parts import (
     bullets,
     closing_sections,
     markdown_table,
@@ -19,6 +18,7 @@ from report_parts import (
     table_head,
     verdict,
 )
+from bench.peers.measure import BOUND, DIRECT, IMGCACHE, NGINX, NGINX_1H, VARNISH, Results
 
 COLUMNS = [IMGCACHE, NGINX, NGINX_1H, VARNISH, DIRECT]
 PEERS = [NGINX, NGINX_1H, VARNISH, DIRECT]

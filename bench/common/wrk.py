@@ -7,8 +7,8 @@ import re
 import subprocess
 from dataclasses import dataclass
 
-from curls import TOKEN
-from procs import Processes
+from bench.common.curls import TOKEN
+from bench.common.procs import Processes
 
 _UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
 _TIME_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}

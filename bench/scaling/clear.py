@@ -3,7 +3,7 @@ the longest a /healthz request waited while the clear ran (sampled every 10 ms f
 thread), and the clear's own wall time. Linear work doubles from N to 2N; quadratic work
 (re-summing every entry per removal) quadruples.
 
-    .venv/bin/python bench/clear.py [--entries 10000] [--reps 3]
+    .venv/bin/python -m bench.scaling.clear [--entries 10000] [--reps 3]
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from processes import free_port, make_cache, stop_process
 
 IMGCACHE = str(Path(sys.executable).with_name("imgcache"))

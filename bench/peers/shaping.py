@@ -21,8 +21,8 @@ import re
 import subprocess
 from pathlib import Path
 
-from debian import find_program
-from procs import pid_alive
+from bench.common.installs import find_program
+from bench.common.procs import pid_alive
 
 #: HTB handle of our root qdisc on lo (hex), to tell it from anyone else's.
 HANDLE = "1e5c"

@@ -1,7 +1,7 @@
 """imgcache sizing, checked against a real imgcache and timed.
 
-    .venv/bin/python bench/sizing.py            # everything (about 15 min on 2 cores)
-    .venv/bin/python bench/sizing.py --only validate|speed|hitcost [--quick]
+    .venv/bin/python -m bench.sizing.run            # everything (about 15 min on 2 cores)
+    .venv/bin/python -m bench.sizing.run --only validate|speed|hitcost [--quick]
 
 - validate: a synthetic trace (Zipf popularity over 1,000+ images, sizes from 200 MiB to
   20 GiB scaled down by 1/1024, and a rollout where new versions of the most popular images
@@ -33,18 +33,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from imgcache_server import Imgcache, imgcache_binary
-from lifecycle import exit_status, temp_dir
-from measure import progress
-from procs import Processes, free_port
 
+from bench.common.imgcache_server import Imgcache, imgcache_binary
+from bench.common.lifecycle import exit_status, progress, temp_dir
+from bench.common.paths import RESULTS, WORK
+from bench.common.procs import Processes, free_port
 from imgcache.curve import one_pass, stack_distances
 from imgcache.history_files import CURRENT, HEADER, MAGIC, RECORD, VERSION
 from imgcache.sizing_cli import plot_png
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
-WORK = ROOT / "bench" / "work"
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 SCALE = 1024
 #: Real image sizes: (share of images, smallest, largest), log-uniform within a band.
@@ -306,7 +303,7 @@ def report(results: dict[str, Any]) -> tuple[str, bool]:
     ok = True
     lines = ["# imgcache sizing: validation, speed, hit-path cost", "",
              f"Machine: {os.cpu_count()} cores, shared with other work while this ran. "
-             f"Written by `bench/sizing.py` on {time.strftime('%Y-%m-%d %H:%M')}.", ""]
+             f"Written by `python -m bench.sizing.run` on {time.strftime('%Y-%m-%d %H:%M')}.", ""]
     if "validate" in results:
         v = results["validate"]
         lines += ["## Predicted vs measured (real imgcache, cold cache per cap)", "",

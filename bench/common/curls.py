@@ -10,7 +10,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from procs import Processes
+from bench.common.procs import Processes
 
 #: Token sent on every request; the Glance stand-in does not check it, imgcache forwards it.
 TOKEN = "bench-token"
@@ -98,3 +98,8 @@ def fetch_text(procs: Processes, url: str) -> str:
     if proc.returncode != 0:
         raise RuntimeError(f"curl {url}: {stderr.strip()}")
     return stdout
+
+
+def data_url(base: str, image_id: str) -> str:
+    """URL of an image's data on a server with Glance's paths."""
+    return f"{base}/v2/images/{image_id}/file"

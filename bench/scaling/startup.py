@@ -2,7 +2,7 @@
 `imgcache serve` to its first answer (/healthz 200), with 10,000 cached entries against an
 empty cache, each the median of N starts in the same run.
 
-    .venv/bin/python bench/startup.py [--entries 10000] [--reps 5]
+    .venv/bin/python -m bench.scaling.startup [--entries 10000] [--reps 5]
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from processes import free_port, make_cache, stop_process
 
 IMGCACHE = str(Path(sys.executable).with_name("imgcache"))

@@ -1,5 +1,5 @@
-"""imgcache benchmarks: ``.venv/bin/python bench/run.py [--quick]`` (see bench/README.md);
-``--suite peers`` runs the comparison with nginx proxy_cache and Varnish (``peers.py``).
+"""imgcache's core benchmark: ``.venv/bin/python -m bench.hits_storms.run [--quick]`` (also
+``make bench``; see bench/README.md).
 
 Starts nginx (Glance stand-in and static-file baseline) and imgcache on 127.0.0.1, drives
 them with curl processes, prints a markdown report and writes it to bench/results/latest.md.
@@ -11,36 +11,37 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import shlex
-import shutil
 import sys
 import uuid
 from pathlib import Path
 
-from glance_nginx import Nginx, Route, find_or_install_nginx
-from images import ensure_image, human_size, parse_size
-from imgcache_server import Imgcache
-from lifecycle import exit_status, ignore_interrupts, restore_interrupts, show_log, temp_dir
-from measure import Bench, Checks, measure_cold, measure_hits, prime_hit, progress
-from procs import Processes, pid_alive, run_text
-from report import machine_details, render
-
-BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
-WORK = BENCH_DIR / "work"
-RESULTS = BENCH_DIR / "results" / "latest.md"
-#: curl's ``%header{}`` write-out variable appeared in 7.84.
-MIN_CURL = (7, 84)
+from bench.common.checks import Checks
+from bench.common.glance_nginx import Nginx, Route, find_or_install_nginx
+from bench.common.images import ensure_image, human_size, parse_size
+from bench.common.imgcache_server import Imgcache
+from bench.common.lifecycle import (
+    check_curl,
+    check_disk,
+    exit_status,
+    ignore_interrupts,
+    progress,
+    restore_interrupts,
+    scratch_parent,
+    show_log,
+    sweep_stale_runs,
+    temp_dir,
+)
+from bench.common.paths import REPO, RESULTS, WORK
+from bench.common.procs import Processes
+from bench.common.report_parts import machine_details
+from bench.hits_storms.measure import Bench, measure_cold, measure_hits, prime_hit
+from bench.hits_storms.report import render
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; --quick lowers the defaults (3 repetitions, 256 MiB images)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--suite", choices=("core", "peers"), default="core",
-                        help="core: this benchmark; peers: imgcache against nginx "
-                        "proxy_cache, Varnish and direct downloads (bench/peers.py; "
-                        "its options follow, see --suite peers --help)")
     parser.add_argument("--quick", action="store_true",
                         help="3 repetitions and 256M images (unless given explicitly)")
     parser.add_argument("--reps", type=int, help="repetitions per measurement (5; quick 3)")
@@ -53,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--verify", type=int, default=2,
                         help="storm clients per repetition whose body is sha512-checked (2)")
     parser.add_argument("--only", choices=("hits", "cold"), help="run one measurement only")
-    parser.add_argument("--output", type=Path, default=RESULTS,
+    parser.add_argument("--output", type=Path, default=RESULTS / "latest.md",
                         help="where the report is written (bench/results/latest.md)")
     parser.add_argument("--keep-work", action="store_true",
                         help="keep the run's work dir (logs, nginx config) for debugging")
@@ -65,42 +66,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.reps < 1 or args.clients < 1 or args.storm_clients < 1 or args.verify < 0:
         parser.error("--reps, --clients and --storm-clients must be >= 1, --verify >= 0")
     return args
-
-
-def check_curl() -> None:
-    """Fail early unless a curl new enough for the ``-w`` variables used is installed."""
-    version = run_text(["curl", "--version"])
-    match = re.match(r"curl (\d+)\.(\d+)", version)
-    if not match:
-        raise RuntimeError("curl is not installed (apt-get install -y curl)")
-    if (int(match.group(1)), int(match.group(2))) < MIN_CURL:
-        raise RuntimeError(f"curl >= {'.'.join(map(str, MIN_CURL))} needed, found "
-                           f"{version.split()[1]}")
-
-
-def sweep_stale_runs() -> None:
-    """Remove run dirs of earlier runs whose process is gone (killed with -9, say)."""
-    for old in WORK.glob("run-*"):
-        match = re.match(r"run-(\d+)-", old.name)
-        if match and not pid_alive(int(match.group(1))):
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def scratch_parent(run_dir: Path, need: int) -> Path:
-    """Where checked storm bodies go: /dev/shm when it has room (no disk writes competing
-    with imgcache's fill), else the run dir."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and shutil.disk_usage(shm).free > need + (256 << 20):
-        return shm
-    return run_dir
-
-
-def check_disk(need: int) -> None:
-    """Fail early when bench/work cannot hold imgcache's cache for this run."""
-    free = shutil.disk_usage(WORK).free
-    if free < need:
-        raise RuntimeError(f"{WORK} has {human_size(free)} free; this run needs about "
-                           f"{human_size(need)} (imgcache's cache); try --quick")
 
 
 def new_routes(args: argparse.Namespace) -> tuple[Route, list[Route], list[Route], Route]:
@@ -159,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         except Exception:
             show_log(imgcache.log)
             raise
-        command = "python bench/run.py " + shlex.join(sys.argv[1:])
+        command = "python -m bench.hits_storms.run " + shlex.join(sys.argv[1:])
         text = render(hits, cold, checks, machine_details(nginx_binary, REPO), args.reps,
                       command.strip())
     print(text)
@@ -171,13 +136,6 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the benchmark; exit 1 on a failed check, 130 on interruption."""
-    suite = argparse.ArgumentParser(add_help=False)
-    suite.add_argument("--suite", choices=("core", "peers"), default="core")
-    chosen, rest = suite.parse_known_args(sys.argv[1:] if argv is None else argv)
-    if chosen.suite == "peers":
-        import peers
-
-        return peers.main(rest)
     return exit_status(run, parse_args(argv))
 
 

@@ -1,0 +1,1 @@
+"""What Glance's download check costs a hit: ``python -m bench.auth.authcost``."""
