@@ -111,11 +111,25 @@ def exit_status(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
 
 
 def sweep_stale_runs() -> None:
-    """Remove run dirs of earlier runs whose process is gone (killed with -9, say)."""
+    """Create bench/work if need be, and remove the run dirs of earlier runs whose process is
+    gone (killed with -9, say)."""
+    WORK.mkdir(parents=True, exist_ok=True)
     for old in WORK.glob("run-*"):
         match = re.match(r"run-(\d+)-", old.name)
         if match and not pid_alive(int(match.group(1))):
             shutil.rmtree(old, ignore_errors=True)
+
+
+def enter_run(stack: contextlib.ExitStack, keep: bool, scratch_need: int) -> tuple[Path, Path]:
+    """Enter a run on ``stack``: stop signals raise KeyboardInterrupt, and two dirs removed
+    when the stack unwinds: the run's own under bench/work (named after this pid, for
+    ``sweep_stale_runs``; kept with ``keep``) and one for ``scratch_need`` bytes of checked
+    bodies (see ``scratch_parent``). Returns (run dir, scratch dir)."""
+    stack.callback(restore_interrupts)
+    run_dir = stack.enter_context(temp_dir(WORK, f"run-{os.getpid()}-", keep))
+    scratch = stack.enter_context(temp_dir(scratch_parent(run_dir, scratch_need),
+                                           "imgcache-bench-"))
+    return run_dir, scratch
 
 
 def scratch_parent(run_dir: Path, need: int) -> Path:

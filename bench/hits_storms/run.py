@@ -10,28 +10,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import shlex
 import sys
 import uuid
 from pathlib import Path
 
+from bench.common import lifecycle
 from bench.common.checks import Checks
 from bench.common.glance_nginx import Nginx, Route, find_or_install_nginx
 from bench.common.images import ensure_image, human_size, parse_size
 from bench.common.imgcache_server import Imgcache
-from bench.common.lifecycle import (
-    check_curl,
-    check_disk,
-    exit_status,
-    ignore_interrupts,
-    progress,
-    restore_interrupts,
-    scratch_parent,
-    show_log,
-    sweep_stale_runs,
-    temp_dir,
-)
+from bench.common.lifecycle import progress
 from bench.common.paths import REPO, RESULTS, WORK
 from bench.common.procs import Processes
 from bench.common.report_parts import machine_details
@@ -85,25 +74,20 @@ def new_routes(args: argparse.Namespace) -> tuple[Route, list[Route], list[Route
 def run(args: argparse.Namespace) -> int:
     """Set up, measure, report; returns the exit status (1 when a check failed)."""
     nginx_binary = find_or_install_nginx()
-    check_curl()
-    WORK.mkdir(parents=True, exist_ok=True)
-    sweep_stale_runs()
+    lifecycle.check_curl()
+    lifecycle.sweep_stale_runs()
     hit, storms, singles, direct = new_routes(args)
     do_hits, do_cold = args.only in (None, "hits"), args.only in (None, "cold")
     cache_need = (args.size if do_hits else 0) + (2 * args.storm_size * args.reps
                                                   if do_cold else 0)
-    check_disk(cache_need + (256 << 20))
+    lifecycle.check_disk(cache_need + (256 << 20))
     checks = Checks()
     procs = Processes()
     with contextlib.ExitStack() as stack:
         # Exit callbacks run last-registered first: processes stop before dirs go.
-        stack.callback(restore_interrupts)
-        run_dir = stack.enter_context(temp_dir(WORK, f"run-{os.getpid()}-", args.keep_work))
-        need = args.verify * args.storm_size
-        scratch = stack.enter_context(
-            temp_dir(scratch_parent(run_dir, need), "imgcache-bench-"))
+        run_dir, scratch = lifecycle.enter_run(stack, args.keep_work, args.verify * args.storm_size)
         stack.callback(procs.close)
-        stack.callback(ignore_interrupts)
+        stack.callback(lifecycle.ignore_interrupts)
         nginx = Nginx(nginx_binary, run_dir / "nginx", [hit, *storms, *singles, direct],
                       [hit], procs)
         nginx.start()
@@ -122,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
                 cold = measure_cold(bench, storms, singles, direct, args.storm_clients,
                                     args.verify)
         except Exception:
-            show_log(imgcache.log)
+            lifecycle.show_log(imgcache.log)
             raise
         command = "python -m bench.hits_storms.run " + shlex.join(sys.argv[1:])
         text = render(hits, cold, checks, machine_details(nginx_binary, REPO), args.reps,
@@ -136,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the benchmark; exit 1 on a failed check, 130 on interruption."""
-    return exit_status(run, parse_args(argv))
+    return lifecycle.exit_status(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -13,30 +13,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import shlex
 import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from bench.common import lifecycle
 from bench.common.checks import Checks
 from bench.common.glance_nginx import ExtraGlance, Nginx, Route, find_or_install_nginx
 from bench.common.images import TestImage, ensure_image, human_size, parse_size
 from bench.common.imgcache_server import Imgcache
 from bench.common.installs import ensure_matplotlib, find_or_install
-from bench.common.lifecycle import (
-    check_curl,
-    check_disk,
-    exit_status,
-    ignore_interrupts,
-    progress,
-    restore_interrupts,
-    scratch_parent,
-    show_log,
-    sweep_stale_runs,
-    temp_dir,
-)
+from bench.common.lifecycle import progress
 from bench.common.paths import REPO, RESULTS, WORK
 from bench.common.procs import Processes, run_text
 from bench.common.report_parts import machine_details
@@ -184,26 +173,22 @@ def run(args: argparse.Namespace) -> int:
     nginx_binary = find_or_install_nginx()
     varnishd = find_or_install("varnishd", "varnish")
     wrk = find_or_install("wrk", "wrk")
-    check_curl()
+    lifecycle.check_curl()
     matplotlib_version = ensure_matplotlib()
-    WORK.mkdir(parents=True, exist_ok=True)
-    sweep_stale_runs()
+    lifecycle.sweep_stale_runs()
     marker = WORK / "tc-owner"
     use_tc, why_not = tc_usable(marker)
     routes, images = plan(args)
-    check_disk(disk_need(args, images))
+    lifecycle.check_disk(disk_need(args, images))
     checks, procs, results = Checks(), Processes(), Results()
     links = dict(args.links)
     stoppers: list[Callable[[], None]] = []
     with contextlib.ExitStack() as stack:
-        stack.callback(restore_interrupts)
-        run_dir = stack.enter_context(temp_dir(WORK, f"run-{os.getpid()}-", args.keep_work))
-        scratch = stack.enter_context(temp_dir(
-            scratch_parent(run_dir, 2 * max(args.storm_size, args.real_size)),
-            "imgcache-bench-"))
+        run_dir, scratch = lifecycle.enter_run(stack, args.keep_work,
+                                               2 * max(args.storm_size, args.real_size))
         stack.callback(procs.close)
         stack.callback(lambda: [stop() for stop in reversed(stoppers)])
-        stack.callback(ignore_interrupts)
+        stack.callback(lifecycle.ignore_interrupts)
 
         standin = Nginx(nginx_binary, run_dir / "standin", routes.all(),
                         [routes.fixed[k] for k in ("hit", "storm") if k in routes.fixed],
@@ -284,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
             _measure(bench, args, real_routes)
         except Exception:
             for ic in imgcaches.values():
-                show_log(ic.log)
+                lifecycle.show_log(ic.log)
             raise
         sizes = Sizes(hit=args.hit_size, storm=args.storm_size, big=args.big_size,
                       small=args.small_size, real=args.real_size, clients=args.clients,
@@ -370,7 +355,7 @@ def _setup_lines(args: argparse.Namespace, use_tc: bool, why_not: str,
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the comparison; exit 1 on a failed check, 130 on interruption."""
-    return exit_status(run, parse_args(argv))
+    return lifecycle.exit_status(run, parse_args(argv))
 
 
 if __name__ == "__main__":
