@@ -51,7 +51,8 @@ end
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Options: request counts, image size, wrk duration and connections."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=300,
                         help="first-byte samples per mode (300)")
     parser.add_argument("--size", type=parse_size, default=parse_size("1M"),

@@ -49,7 +49,8 @@ def parse_rate(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=16, help="compute nodes (16)")
     parser.add_argument("--tiers", type=int, default=2, help="tier nodes (2)")
     parser.add_argument("--clients", type=int, default=4, help="booting clients per node (4)")

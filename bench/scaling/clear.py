@@ -77,7 +77,8 @@ def clear_once(work: Path, entries: int) -> tuple[float, float]:
 
 def main() -> None:
     """Measure and print a markdown table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--entries", type=int, default=10_000)
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()

@@ -47,7 +47,8 @@ def time_to_answer(cache_dir: Path, socket_path: Path) -> float:
 
 def main() -> None:
     """Measure and print a markdown table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--entries", type=int, default=10_000)
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()

@@ -405,7 +405,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=("validate", "speed", "hitcost"))
     parser.add_argument("--quick", action="store_true", help="smaller, for a try-out")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
