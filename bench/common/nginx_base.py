@@ -1,5 +1,5 @@
 """What every nginx of the benchmark shares (the Glance stand-in of ``glance_nginx.py`` and
-the ``proxy_cache`` of ``caches.py``): the main config around its servers, and the
+the ``proxy_cache`` of ``peers/caches.py``): the main config around its servers, and the
 foreground process (config check, start, wait for its ports, pids).
 """
 
