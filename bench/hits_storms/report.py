@@ -1,4 +1,4 @@
-"""The markdown report: medians, same-run ratios, checks, raw samples, machine details."""
+"""The core benchmark's markdown report: medians, same-run ratios, checks, raw samples."""
 
 from __future__ import annotations
 
