@@ -32,7 +32,13 @@ from bench.common.glance_nginx import Nginx, Route, find_or_install_nginx
 from bench.common.images import ensure_image, parse_size
 from bench.common.imgcache_server import Imgcache
 from bench.common.installs import find_or_install
-from bench.common.lifecycle import exit_status, ignore_interrupts, restore_interrupts, temp_dir
+from bench.common.lifecycle import (
+    argument_parser,
+    exit_status,
+    ignore_interrupts,
+    restore_interrupts,
+    temp_dir,
+)
 from bench.common.paths import REPO, RESULTS, WORK
 from bench.common.procs import Processes
 from bench.common.report_parts import machine_details, markdown_table
@@ -51,8 +57,7 @@ end
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Options: request counts, image size, wrk duration and connections."""
-    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__spec__.name, __doc__)
     parser.add_argument("--requests", type=int, default=300,
                         help="first-byte samples per mode (300)")
     parser.add_argument("--size", type=parse_size, default=parse_size("1M"),

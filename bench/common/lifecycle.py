@@ -36,6 +36,12 @@ def progress(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def argument_parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """An entry point's option parser: its usage line names ``python -m MODULE``, its
+    description is the first paragraph of the module's docstring ``doc``."""
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+
+
 def check_curl() -> None:
     """Fail early unless a curl new enough for the ``-w`` variables used is installed."""
     version = run_text(["curl", "--version"])

@@ -28,7 +28,7 @@ from netsim import Rack, netns_usable
 
 from bench.common.images import human_size
 from bench.common.installs import ensure_matplotlib, find_or_install
-from bench.common.lifecycle import progress
+from bench.common.lifecycle import argument_parser, progress
 from bench.common.paths import REPO, RESULTS
 from bench.common.procs import machine_cpu, run_text
 from bench.common.report_parts import machine_details
@@ -49,8 +49,7 @@ def parse_rate(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__spec__.name, __doc__)
     parser.add_argument("--nodes", type=int, default=16, help="compute nodes (16)")
     parser.add_argument("--tiers", type=int, default=2, help="tier nodes (2)")
     parser.add_argument("--clients", type=int, default=4, help="booting clients per node (4)")

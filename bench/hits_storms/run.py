@@ -30,8 +30,7 @@ from bench.hits_storms.report import render
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options; --quick lowers the defaults (3 repetitions, 256 MiB images)."""
-    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
-                                     description=__doc__.split("\n\n")[0])
+    parser = lifecycle.argument_parser(__spec__.name, __doc__)
     parser.add_argument("--quick", action="store_true",
                         help="3 repetitions and 256M images (unless given explicitly)")
     parser.add_argument("--reps", type=int, help="repetitions per measurement (5; quick 3)")

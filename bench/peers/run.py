@@ -71,8 +71,7 @@ def link_label(name: str) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Options; --quick lowers the defaults (3 repetitions, smaller images)."""
-    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
-                                     description=__doc__.split("\n\n")[0])
+    parser = lifecycle.argument_parser(__spec__.name, __doc__)
     parser.add_argument("--quick", action="store_true",
                         help="3 repetitions, smaller images and shorter runs (unless given)")
     parser.add_argument("--reps", type=int, help="repetitions per measurement (5; quick 3)")

@@ -8,7 +8,6 @@ thread), and the clear's own wall time. Linear work doubles from N to 2N; quadra
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 import subprocess
@@ -20,6 +19,8 @@ import urllib.request
 from pathlib import Path
 
 from processes import free_port, make_cache, stop_process
+
+from bench.common.lifecycle import argument_parser
 
 IMGCACHE = str(Path(sys.executable).with_name("imgcache"))
 
@@ -77,8 +78,7 @@ def clear_once(work: Path, entries: int) -> tuple[float, float]:
 
 def main() -> None:
     """Measure and print a markdown table."""
-    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__spec__.name, __doc__)
     parser.add_argument("--entries", type=int, default=10_000)
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()

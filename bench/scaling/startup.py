@@ -7,7 +7,6 @@ empty cache, each the median of N starts in the same run.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 import subprocess
@@ -18,6 +17,8 @@ import urllib.request
 from pathlib import Path
 
 from processes import free_port, make_cache, stop_process
+
+from bench.common.lifecycle import argument_parser
 
 IMGCACHE = str(Path(sys.executable).with_name("imgcache"))
 
@@ -47,8 +48,7 @@ def time_to_answer(cache_dir: Path, socket_path: Path) -> float:
 
 def main() -> None:
     """Measure and print a markdown table."""
-    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__spec__.name, __doc__)
     parser.add_argument("--entries", type=int, default=10_000)
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()

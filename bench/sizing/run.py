@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from bench.common.imgcache_server import Imgcache, imgcache_binary
-from bench.common.lifecycle import exit_status, progress, temp_dir
+from bench.common.lifecycle import argument_parser, exit_status, progress, temp_dir
 from bench.common.paths import RESULTS, WORK
 from bench.common.procs import Processes, free_port
 from imgcache.curve import one_pass, stack_distances
@@ -405,8 +405,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m {__spec__.name}",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__spec__.name, __doc__)
     parser.add_argument("--only", choices=("validate", "speed", "hitcost"))
     parser.add_argument("--quick", action="store_true", help="smaller, for a try-out")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
