@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from imgcache.config import OPTIONS, load_settings
-from imgcache.ctl import COMMANDS, add_commands, run_command
+from imgcache.ctl import COMMANDS, add_command, add_commands, run_command
 from imgcache.errors import ConfigError, ImgcacheError
 from imgcache.logs import setup_logging
 
@@ -28,6 +28,10 @@ def _parser() -> argparse.ArgumentParser:
                            help=f"{option.help} [{option.ini_name}, {option.env}; "
                                 f"default {option.default}]")
     add_commands(commands)
+    from imgcache.sizing_cli import add_arguments as add_sizing_arguments
+
+    add_sizing_arguments(add_command(commands, "sizing", "predict the hit ratio of other "
+                                                         "cache sizes from the access history"))
     demo = commands.add_parser(
         "demo", help="boot-storm demo against a throwaway Glance stand-in")
     demo.add_argument("--clients", type=int, default=16, help="concurrent clients (16)")

@@ -70,15 +70,21 @@ class AdminClient:
         return answer
 
 
+def add_command(commands: Any, name: str, text: str) -> argparse.ArgumentParser:
+    """Add one sub-command that talks to the server over its management socket, with the
+    options every such command takes (--socket, --config, --json)."""
+    parser = commands.add_parser(name, help=text, description=text)
+    parser.add_argument("--socket", type=Path, help="management socket (default: from "
+                        "--config, IMGCACHE_ADMIN_SOCKET, or /run/imgcache/imgcache.sock)")
+    parser.add_argument("--config", type=Path, help="the server's INI config file")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    return parser
+
+
 def add_commands(commands: Any) -> None:
     """Add the management sub-commands to the CLI's sub-parser set."""
     def command(name: str, text: str) -> argparse.ArgumentParser:
-        parser = commands.add_parser(name, help=text, description=text)
-        parser.add_argument("--socket", type=Path, help="management socket (default: from "
-                            "--config, IMGCACHE_ADMIN_SOCKET, or /run/imgcache/imgcache.sock)")
-        parser.add_argument("--config", type=Path, help="the server's INI config file")
-        parser.add_argument("--json", action="store_true", help="print JSON for scripts")
-        return parser
+        return add_command(commands, name, text)
 
     command("list", "list cached images")
     for name, text in (("prefetch", "queue images to download into the cache"),
@@ -100,10 +106,6 @@ def add_commands(commands: Any) -> None:
     command("verify", "re-hash cached images, evicting corrupt ones").add_argument(
         "image_ids", nargs="*", metavar="ID", help="default: every cached image")
     command("stats", "cache size, entries, hit ratio and bytes saved since start")
-    from imgcache.sizing_cli import add_arguments
-
-    add_arguments(command("sizing", "predict the hit ratio of other cache sizes from the "
-                                    "access history"))
 
 
 COMMANDS = ("list", "prefetch", "pin", "queue", "unpin", "evict", "clear", "verify", "stats")

@@ -67,3 +67,7 @@ class FillError(Exception):
 
 class NoSpace(Exception):
     """The cache cannot hold an image of this size (larger than the cap, or all pinned)."""
+
+
+class SizingUnavailable(Exception):
+    """An extra that a sizing request needs (``sizing``, or ``policies``) is not installed."""

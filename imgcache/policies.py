@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from imgcache.curve import Trace
-from imgcache.sizing import SizingUnavailable
+from imgcache.errors import SizingUnavailable
 
 #: Policies compared, by libCacheSim class name, and how they are shown.
 POLICIES = {"LRU": "LRU", "S3FIFO": "S3-FIFO", "Sieve": "SIEVE", "GDSF": "GDSF"}

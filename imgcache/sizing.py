@@ -17,16 +17,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from imgcache.errors import SizingUnavailable
+
 #: Default caps, as multiples of the current one.
 DEFAULT_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 #: Exit status of the job when the ``sizing`` extra is not installed.
 MISSING_EXTRA = 4
 MISSING_EXTRA_MESSAGE = ("imgcache sizing needs numpy and numba (and matplotlib for --png): "
                          "pip install 'imgcache[sizing]' into imgcache's environment")
-
-
-class SizingUnavailable(Exception):
-    """An extra that the request needs (``sizing``, or ``policies``) is not installed."""
 
 
 def default_caps(max_bytes: int) -> list[int]:

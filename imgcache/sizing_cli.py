@@ -13,9 +13,9 @@ from typing import Any
 
 from imgcache.config import format_size, load_settings, parse_duration, parse_size
 from imgcache.ctl import AdminClient, NotRunning
-from imgcache.errors import ConfigError
+from imgcache.errors import ConfigError, SizingUnavailable
 from imgcache.history_files import read_state
-from imgcache.sizing import MISSING_EXTRA_MESSAGE, SizingUnavailable, compute
+from imgcache.sizing import MISSING_EXTRA_MESSAGE, compute
 
 _BAR = 30
 

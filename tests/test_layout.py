@@ -71,7 +71,7 @@ def test_the_check_finds_a_circle() -> None:
     assert {"bench.common.procs", "bench.common.installs"} <= set(found)
 
 
-@pytest.mark.parametrize("package", ["bench"])
+@pytest.mark.parametrize("package", ["bench", "imgcache"])
 def test_no_import_circle(package: str) -> None:
     found = circle(import_graph(package))
     assert found is None, f"import circle in {package}/: {' -> '.join(found or [])}"
