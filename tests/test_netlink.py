@@ -41,6 +41,7 @@ class Capture:
 
     def __init__(self, sock: socket.socket, device: str) -> None:
         self.sock = sock
+        self.device = device
         sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 * MiB)
         sock.bind((device, 0))
         sock.settimeout(0.1)
@@ -54,9 +55,12 @@ class Capture:
         while not self._stop.is_set():
             try:
                 # MSG_TRUNC: the packet's real length even if it did not fit the buffer.
-                self.lengths.append(self.sock.recv_into(buffer, 0, socket.MSG_TRUNC))
+                length, (device, *_) = self.sock.recvfrom_into(buffer, 0, socket.MSG_TRUNC)
             except TimeoutError:
                 continue
+            # Until bind() the socket sees every device's packets: keep only its own.
+            if device == self.device:
+                self.lengths.append(length)
 
     def stop(self) -> list[int]:
         """Stop capturing; the lengths seen (failing if the socket dropped any)."""
