@@ -2,7 +2,9 @@
 (a fill), or only hashed (a download streamed through to one client).
 
 Each consumer (the writer, the hasher) runs on a thread of the pipeline pool, started
-before serving, and takes the chunks the loop queued, in order. The loop only queues: a
+before serving, and takes the pieces the loop queued, in order; each holds its own reference
+to a piece (``pieces.Piece``) and releases it once written or hashed, so that the receive
+buffer it lies in is reused only after both are done with it. The loop only queues: a
 ``feed`` waits only while MAX_BUFFERED bytes are still queued, which bounds a download's
 memory whatever the image size.
 
@@ -23,6 +25,7 @@ from typing import Any
 
 from imgcache.digest import Expected
 from imgcache.errors import FillError
+from imgcache.pieces import Piece
 
 #: Bytes received but not yet consumed by every consumer; bounds a download's memory.
 MAX_BUFFERED = 16 << 20
@@ -31,12 +34,13 @@ _MAX_WRITE_BATCH = 64
 
 
 class _Consumer:
-    """One thread's share of a pipeline: takes queued chunks, in order, until the end mark."""
+    """One thread's share of a pipeline: takes queued pieces, in order, until the end mark;
+    it releases each piece it took."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, wake_feeder: Callable[[], None]) -> None:
         self._loop = loop
         self._wake_feeder = wake_feeder
-        self.chunks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.chunks: queue.SimpleQueue[Piece | None] = queue.SimpleQueue()
         self.done = 0  # bytes consumed; written by the consumer's thread only
         self.error: BaseException | None = None  # likewise
         self.finished: asyncio.Future[Any] | None = None  # set by start()
@@ -55,7 +59,8 @@ class _Consumer:
             self._wake_feeder()
 
     def consume(self) -> Any:
-        """Runs on the thread: take chunks until the end mark; return the result."""
+        """Runs on the thread: take pieces until the end mark (releasing each); return the
+        result."""
         raise NotImplementedError
 
     def progressed(self, count: int) -> None:
@@ -80,7 +85,11 @@ class _Writer(_Consumer):
             if last:
                 chunks.pop()
             if chunks:
-                count = _writev_all(self._fd, chunks)  # type: ignore[arg-type]
+                try:
+                    count = _writev_all(self._fd, chunks)  # type: ignore[arg-type]
+                finally:
+                    for chunk in chunks:
+                        chunk.release()  # type: ignore[union-attr]
                 self._on_written(count)
                 self.progressed(count)
             if last:
@@ -97,7 +106,10 @@ class _Hasher(_Consumer):
 
     def consume(self) -> str:
         while (chunk := self.chunks.get()) is not None:
-            self._hasher.update(chunk)
+            try:
+                self._hasher.update(chunk.view)
+            finally:
+                chunk.release()
             self.progressed(len(chunk))
         return str(self._hasher.hexdigest())
 
@@ -117,11 +129,13 @@ class _Pipeline:
         self._consumers.append(consumer)
         consumer.start(self._pool)
 
-    async def feed(self, chunk: bytes) -> None:
-        """Queue a chunk; waits only while MAX_BUFFERED bytes are still queued. Raises the
-        error of a consumer that failed."""
+    async def feed(self, chunk: Piece) -> None:
+        """Queue a piece for every consumer (each holds a reference of its own: the caller
+        may release its own at once); waits only while MAX_BUFFERED bytes are still queued.
+        Raises the error of a consumer that failed."""
         self._raise_if_failed()
         self._fed += len(chunk)
+        chunk.retain(len(self._consumers))
         for consumer in self._consumers:
             consumer.chunks.put(chunk)
         while self._backlog() > MAX_BUFFERED and not self._failed():
@@ -209,7 +223,7 @@ class HashSink(_Pipeline):
         return str(digest)
 
 
-def _take_queued(chunks: queue.SimpleQueue[bytes | None]) -> list[bytes | None]:
+def _take_queued(chunks: queue.SimpleQueue[Piece | None]) -> list[Piece | None]:
     """Wait for one chunk, then take whatever else is queued already (up to a batch)."""
     batch = [chunks.get()]
     while len(batch) < _MAX_WRITE_BATCH and batch[-1] is not None:
@@ -220,9 +234,9 @@ def _take_queued(chunks: queue.SimpleQueue[bytes | None]) -> list[bytes | None]:
     return batch
 
 
-def _writev_all(fd: int, chunks: list[bytes]) -> int:
-    """Write every chunk, in order, with as few writev(2) calls as the kernel allows."""
-    views = [memoryview(chunk) for chunk in chunks]
+def _writev_all(fd: int, chunks: list[Piece]) -> int:
+    """Write every piece, in order, with as few writev(2) calls as the kernel allows."""
+    views = [chunk.view for chunk in chunks]
     total = sum(len(view) for view in views)
     while views:
         done = os.writev(fd, views)

@@ -33,6 +33,14 @@ from collections.abc import Callable, Mapping, Sequence
 import aiohttp
 from yarl import URL
 
+from imgcache.datafetch import (
+    BadAnswer,
+    ConnectFailed,
+    ConnectTimedOut,
+    DataClient,
+    DataResponse,
+    Disconnected,
+)
 from imgcache.errors import FillError, UpstreamError
 from imgcache.metrics import Metrics
 from imgcache.upstream import upstream_headers
@@ -122,7 +130,9 @@ class Tier:
         self._ssl: ssl.SSLContext | bool = ssl_context if ssl_context is not None else True
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout,
                                               sock_read=read_timeout)
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # PURGEs
+        self._data = DataClient(connect_timeout=connect_timeout, read_timeout=read_timeout,
+                                ssl_context=ssl_context)
         self._purges: set[asyncio.Task[None]] = set()
         for node in self.nodes:
             metrics.add_tier_node(node.url)
@@ -153,23 +163,22 @@ class Tier:
         return node.usable(self._clock())
 
     async def get(self, node: TierNode, path_qs: str, headers: Mapping[str, str],
-                  offset: int, end: int, size: int) -> aiohttp.ClientResponse:
-        """Send an image-data GET to ``node`` and check its answer for bytes
-        ``offset``..``end`` of an image of ``size`` bytes; the caller releases it. Raises
-        TierFault: a 200 or 206 whose length or range is not what the image's metadata
-        says, a refusal, any other status, or no answer."""
-        assert self._session is not None, "Tier.start() was not called"
-        url = URL(node.url + path_qs, encoded=True)
+                  offset: int, end: int, size: int) -> DataResponse:
+        """Send an image-data GET to ``node`` (on a connection of its own, its body received
+        into reused buffers: ``datafetch``) and check its answer for bytes ``offset``..``end``
+        of an image of ``size`` bytes; the caller releases it. Raises TierFault: a 200 or 206
+        whose length or range is not what the image's metadata says, a refusal, any other
+        status, or no answer."""
         try:
-            response = await self._session.get(
-                url, headers=upstream_headers(headers, with_body=False), allow_redirects=False)
-        except aiohttp.ClientConnectorError as exc:
+            response = await self._data.get(node.url + path_qs,
+                                            upstream_headers(headers, with_body=False))
+        except ConnectFailed as exc:
             raise TierFault("connect", f"cannot connect to tier node {node.url}: "
                             f"{exc.os_error}", backs_off=True) from exc
-        except TimeoutError as exc:
+        except (ConnectTimedOut, TimeoutError) as exc:
             raise TierFault("timeout", f"tier node {node.url} did not answer in time",
                             backs_off=True) from exc
-        except aiohttp.ClientError as exc:
+        except (ssl.SSLError, Disconnected, BadAnswer, OSError, ValueError) as exc:
             raise TierFault("broken", f"request to tier node {node.url} failed: {exc}") \
                 from exc
         try:
@@ -183,7 +192,7 @@ class Tier:
         return response
 
     @staticmethod
-    def _check(node: TierNode, response: aiohttp.ClientResponse, offset: int, end: int,
+    def _check(node: TierNode, response: DataResponse, offset: int, end: int,
                size: int) -> None:
         status = response.status
         if status in REFUSALS:
@@ -285,7 +294,7 @@ class SourcePlan:
         return None
 
     async def get(self, node: TierNode, path_qs: str, headers: Mapping[str, str],
-                  offset: int, end: int, size: int) -> aiohttp.ClientResponse:
+                  offset: int, end: int, size: int) -> DataResponse:
         """The attempt's GET at ``node`` (see Tier.get)."""
         return await self._tier.get(node, path_qs, headers, offset, end, size)
 

@@ -24,14 +24,15 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-import aiohttp
 from multidict import CIMultiDict
 
 from imgcache.credentials import DATA_REQUEST_HEADERS, AllowedCallers
+from imgcache.datafetch import DataResponse
 from imgcache.errors import FillError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from imgcache.metrics import Metrics
+from imgcache.pieces import Piece
 from imgcache.tier import SourcePlan, TierNode
 from imgcache.upstream import Upstream, end_to_end_headers
 
@@ -41,6 +42,10 @@ _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 #: Statuses with which Glance refuses the credentials a data GET was sent with.
 REFUSALS = frozenset({401, 403, 404})
 _MAX_REFUSAL_BYTES = 64 << 10
+#: Where a download's pieces go, in order; it holds a piece only until the call returns
+#: (``Piece.retain`` to keep it longer).
+Feed = Callable[[Piece], Awaitable[None]]
+T = TypeVar("T")
 
 
 class _RangeRefused(Exception):
@@ -101,7 +106,7 @@ class ResumableDownload:
         self._size = 0
 
     async def run(self, path_qs: str, callers: AllowedCallers, size: int,
-                  feed: Callable[[bytes], Awaitable[None]], start: int = 0,
+                  feed: Feed, start: int = 0,
                   end: int | None = None) -> None:
         """Download until every byte of the span was fed, with the credentials of
         ``callers``. Raises GlanceRefused (every caller refused), FillError (bad data, or a
@@ -138,7 +143,7 @@ class ResumableDownload:
                 await asyncio.sleep(delay)
 
     async def _attempt(self, path_qs: str, caller: CIMultiDict[str],
-                       feed: Callable[[bytes], Awaitable[None]], use_range: bool,
+                       feed: Feed, use_range: bool,
                        rotation: int) -> None:
         node = self._plan.current() if self._plan is not None else None
         if node is None:
@@ -161,7 +166,7 @@ class ResumableDownload:
                 self._plan.delivered(node)
 
     async def _attempt_at(self, node: TierNode | None, path_qs: str,
-                          caller: CIMultiDict[str], feed: Callable[[bytes], Awaitable[None]],
+                          caller: CIMultiDict[str], feed: Feed,
                           use_range: bool, rotation: int) -> None:
         offset = self.received
         partial = offset > 0 or self._end < self._size
@@ -172,16 +177,17 @@ class ResumableDownload:
         if ranged:
             headers["Range"] = f"bytes={offset}-{self._end - 1}"
         if node is None:
-            response = await self._upstream.request("GET", path_qs, headers, rotate=rotation,
-                                                    image_data=True)
+            response = await self._upstream.open_data(path_qs, headers, rotate=rotation)
         else:
             assert self._plan is not None
             response = await self._plan.get(node, path_qs, headers, offset if ranged else 0,
                                             self._end if ranged else self._size, self._size)
         try:
             if response.status in REFUSALS:
-                body = await self._upstream.read_body(response, _MAX_REFUSAL_BYTES,
-                                                      "a refused data GET")
+                body = await self._read(response.read_all(_MAX_REFUSAL_BYTES))
+                if body is None:
+                    raise UpstreamError(f"{self._source.name}'s refusal of a data GET is "
+                                        f"longer than the {_MAX_REFUSAL_BYTES} bytes expected")
                 raise _CallerRefused(response.status, end_to_end_headers(response.headers),
                                      body)
             skip = self._bytes_to_skip(response, offset, ranged)
@@ -191,8 +197,7 @@ class ResumableDownload:
         finally:
             response.release()
 
-    def _bytes_to_skip(self, response: aiohttp.ClientResponse, offset: int,
-                       ranged: bool) -> int:
+    def _bytes_to_skip(self, response: DataResponse, offset: int, ranged: bool) -> int:
         status = response.status
         if ranged and status == 206:
             match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
@@ -211,45 +216,37 @@ class ResumableDownload:
             raise error(f"Glance answered {status} to the data GET")
         raise FillError(f"Glance answered {status} to the data GET", "upstream_error")
 
-    async def _stream(self, response: aiohttp.ClientResponse, skip: int,
-                      feed: Callable[[bytes], Awaitable[None]]) -> None:
-        """Feed the body's bytes. Only reading from Glance counts as Glance failing: what
-        ``feed`` raises (the disk, a client gone) goes to the caller as it is."""
+    async def _stream(self, response: DataResponse, skip: int, feed: Feed) -> None:
+        """Feed the body's pieces. Only reading from the source counts as the source failing:
+        what ``feed`` raises (the disk, a client gone) goes to the caller as it is."""
         while self.received < self._end:
-            chunk = await self._read(_next_piece(response.content))
-            if not chunk:
+            piece = await self._read(response.next_piece())
+            if piece is None:
                 raise UpstreamError(f"{self._source.name} ended the body at byte "
                                     f"{self.received}, expected {self._end}")
-            self._metrics.upstream_bytes.inc(len(chunk))
-            self._source.delivered.inc(len(chunk))
-            if skip:
-                dropped = min(skip, len(chunk))
-                chunk, skip = chunk[dropped:], skip - dropped
-            if self.received + len(chunk) > self._end:
-                if self._end == self._size:
-                    raise FillError(f"{self._source.name} sent more bytes than Glance's "
-                                    "metadata says", "size_mismatch")
-                chunk = chunk[: self._end - self.received]  # a 200 to a range: enough
-            if chunk:
-                await feed(chunk)
-                self.received += len(chunk)
-        if (self._end == self._size and not response.content.at_eof()
-                and await self._read(response.content.read(1))):
+            try:
+                self._metrics.upstream_bytes.inc(len(piece))
+                self._source.delivered.inc(len(piece))
+                if skip:
+                    dropped = min(skip, len(piece))
+                    piece.narrow(dropped, len(piece))
+                    skip -= dropped
+                if self.received + len(piece) > self._end:
+                    if self._end == self._size:
+                        raise FillError(f"{self._source.name} sent more bytes than Glance's "
+                                        "metadata says", "size_mismatch")
+                    piece.narrow(0, self._end - self.received)  # a 200 to a range: enough
+                if len(piece):
+                    await feed(piece)
+                    self.received += len(piece)
+            finally:
+                piece.release()
+        if self._end == self._size and await self._read(response.more()):
             raise FillError(f"{self._source.name} sent more bytes than Glance's metadata "
                             "says", "size_mismatch")
 
-    async def _read(self, reading: Awaitable[bytes]) -> bytes:
+    async def _read(self, reading: Awaitable[T]) -> T:
         try:
             return await reading
         except Exception as exc:
             raise self._source.broken(exc, "an image download") from exc
-
-
-async def _next_piece(content: aiohttp.StreamReader) -> bytes:
-    """The next piece of the body as it arrived from the socket (b"" at its end). read(n)
-    and readany() join whatever is buffered into a new copy; readchunk() hands the pieces
-    over as they are."""
-    while True:
-        piece, at_chunk_end = await content.readchunk()
-        if piece or not at_chunk_end:  # (b"", True) only marks a chunked-encoding boundary
-            return piece

@@ -16,6 +16,15 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from imgcache.config import Settings
+from imgcache.datafetch import (
+    BadAnswer,
+    ConnectFailed,
+    ConnectTimedOut,
+    DataClient,
+    DataResponse,
+    Disconnected,
+    TunnelRefused,
+)
 from imgcache.errors import ConfigError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from imgcache.metrics import Metrics
 
@@ -123,6 +132,8 @@ class Upstream:
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=connect_timeout, sock_read=read_timeout)
         self._session: aiohttp.ClientSession | None = None
+        self._data = DataClient(connect_timeout=connect_timeout, read_timeout=read_timeout,
+                                ssl_context=ssl_context, proxy=proxy)
 
     async def start(self) -> None:
         """Open the client session (call from the running loop)."""
@@ -192,6 +203,55 @@ class Upstream:
                         if url.scheme == "https" else "")
                 raise UpstreamError(f"request to Glance at {base} failed: {exc}{hint}") from exc
             except aiohttp.ClientError as exc:
+                self._metrics.upstream_errors.labels("broken").inc()
+                raise UpstreamError(f"request to Glance at {base} failed: {exc}") from exc
+            log.warning("%s; trying the next upstream if any", failure)
+        raise failure
+
+    async def open_data(self, path_qs: str, headers: Mapping[str, str],
+                        rotate: int = 0) -> DataResponse:
+        """Send an image-data GET (through the configured proxy, if any) to the first
+        upstream that accepts the connection, as ``request`` does, on a connection of its
+        own whose body is received into reused buffers (``datafetch``); the caller must
+        release the response. Raises UpstreamError subclasses with the same statuses and
+        messages as ``request``."""
+        failure: UpstreamError = UpstreamUnavailable("no upstream configured")
+        start = rotate % len(self.urls) if self.urls else 0
+        for base in self.urls[start:] + self.urls[:start]:
+            try:
+                return await self._data.get(base + path_qs,
+                                            upstream_headers(headers, with_body=False))
+            except ConnectFailed as exc:
+                self._metrics.upstream_errors.labels("connect").inc()
+                failure = UpstreamUnavailable(
+                    f"cannot connect to the image-data proxy {self.proxy}: {exc.os_error}"
+                    if exc.via_proxy else f"cannot connect to Glance at {base}: {exc.os_error}")
+            except TunnelRefused as exc:
+                self._metrics.upstream_errors.labels("connect").inc()
+                failure = UpstreamUnavailable(
+                    f"the image-data proxy {self.proxy} refused a tunnel to Glance at {base} "
+                    f"({exc.status})")
+            except ssl.SSLCertVerificationError as exc:
+                self._metrics.upstream_errors.labels("tls").inc()
+                failure = UpstreamError(
+                    f"TLS certificate verification of Glance at {base} failed: "
+                    f"{exc.verify_message or exc} (see [upstream] ca_file)")
+            except ssl.SSLError as exc:
+                self._metrics.upstream_errors.labels("tls").inc()
+                failure = UpstreamError(f"TLS handshake with Glance at {base} failed: {exc}")
+            except ConnectTimedOut:
+                self._metrics.upstream_errors.labels("timeout").inc()
+                failure = UpstreamTimeout(f"connecting to Glance at {base} timed out")
+            except TimeoutError as exc:
+                self._metrics.upstream_errors.labels("timeout").inc()
+                raise UpstreamTimeout(f"Glance at {base} did not answer in time") from exc
+            except (Disconnected, OSError) as exc:
+                self._metrics.upstream_errors.labels("broken").inc()
+                hint = ("; over TLS 1.3 this is also how Glance refuses a missing or "
+                        "untrusted client certificate ([upstream] cert_file)"
+                        if base.startswith("https:") else "")
+                raise UpstreamError(f"request to Glance at {base} failed: {exc}{hint}") from exc
+            except (BadAnswer, ValueError) as exc:
                 self._metrics.upstream_errors.labels("broken").inc()
                 raise UpstreamError(f"request to Glance at {base} failed: {exc}") from exc
             log.warning("%s; trying the next upstream if any", failure)

@@ -21,6 +21,7 @@ from imgcache.errors import FillError
 from imgcache.fill import HOLD_BACK_BYTES
 from imgcache.keys import data_path
 from imgcache.metrics import Metrics
+from imgcache.pieces import Piece
 from imgcache.sink import HashSink
 from imgcache.transfer import ResumableDownload
 
@@ -87,13 +88,15 @@ class VerifiedStream:
         tail = _HeldTail(send, HOLD_BACK_BYTES)
         position = image_from
 
-        async def take(chunk: bytes) -> None:
+        async def take(chunk: Piece) -> None:
             nonlocal position
             if sink is not None:
                 await sink.feed(chunk)
             low, high = max(position, send_from), min(position + len(chunk), send_to)
             if low < high:
-                await tail.add(memoryview(chunk)[low - position:high - position])
+                # A copy: the transport may still hold what it was given after the write
+                # returned, and the piece's buffer is received into again once released.
+                await tail.add(memoryview(chunk.view[low - position:high - position].tobytes()))
             position += len(chunk)
 
         try:

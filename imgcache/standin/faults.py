@@ -35,6 +35,7 @@ class Fault:
     ranges_supported: bool = True  # False: 400 to any Range header (like rbd/swift/s3 stores)
     ignore_range: bool = False  # True: answer a Range with the whole image (200)
     checks_too: bool = False  # also apply to one-byte download checks (left alone by default)
+    chunked: bool = False  # send the body with chunked transfer-coding, no Content-Length
 
 
 def take_fault(faults: dict[str, Fault], image_id: str, is_check: bool = False) -> Fault:

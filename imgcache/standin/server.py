@@ -358,7 +358,10 @@ class GlanceStandin:
             response.headers["Content-MD5"] = image.checksum
         if status == 206:
             response.headers["Content-Range"] = f"bytes {first}-{last}/{image.size}"
-        response.content_length = last - first + 1
+        if fault.chunked:
+            response.enable_chunked_encoding()
+        else:
+            response.content_length = last - first + 1
         tally = request[TALLY]
         tally.status = status
         await response.prepare(request)
