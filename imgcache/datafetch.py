@@ -542,6 +542,8 @@ class _Connection(asyncio.BufferedProtocol):
     # -- failure -------------------------------------------------------------------------------
 
     def _fail(self, error: BaseException) -> None:
+        # The bytes that came before the failure are the reader's (a resume starts after them).
+        self._hand_on()
         if self._error is None:
             self._error = error
         if self._transport is not None and not self._closed:
