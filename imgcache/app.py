@@ -36,6 +36,7 @@ from imgcache.predictions import Predictions
 from imgcache.prefetch import Prefetcher
 from imgcache.responses import ZeroCopySender
 from imgcache.store import Store
+from imgcache.threadpool import SparePool
 from imgcache.tier import Tier
 from imgcache.upstream import Upstream, tls_context
 from imgcache.verify import Verifier
@@ -53,10 +54,12 @@ FILE_THREADS_NICE = 10
 #: the senders', so that none of these waits behind multi-GB sends.
 CONTROL_THREADS = 8
 #: Threads that write and hash downloads (two per fill, one per stream verified on its way
-#: to a client); PIPELINE_THREADS_STARTED of them start before serving (a thread start
-#: holds the loop until the new thread runs), more start when needed.
+#: to a client); PIPELINE_THREADS_STARTED of them start before serving, and the pool's own
+#: starter thread keeps PIPELINE_THREADS_SPARE idle (``threadpool.SparePool``: a thread start
+#: holds its caller until the new thread runs, and the loop must never be that caller).
 PIPELINE_THREADS = 256
 PIPELINE_THREADS_STARTED = 16
+PIPELINE_THREADS_SPARE = 8
 #: Biggest request head a client may send (request line plus headers).
 MAX_HEADER_BYTES = 64 * 1024
 #: The proxy app's sizing jobs (for the management API).
@@ -99,10 +102,11 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
         senders = ThreadPoolExecutor(FILE_THREADS, thread_name_prefix="imgcache-send",
                                      initializer=_yield_to_the_loop)
         control = ThreadPoolExecutor(CONTROL_THREADS, thread_name_prefix="imgcache-files")
-        pipeline = ThreadPoolExecutor(PIPELINE_THREADS, thread_name_prefix="imgcache-pipe")
+        pipeline = SparePool(PIPELINE_THREADS, started=PIPELINE_THREADS_STARTED,
+                             spare=PIPELINE_THREADS_SPARE, name="imgcache-pipe")
         await asyncio.gather(_start_every_thread(senders, FILE_THREADS),
                              _start_every_thread(control, CONTROL_THREADS),
-                             _start_every_thread(pipeline, PIPELINE_THREADS_STARTED))
+                             asyncio.to_thread(pipeline.start))
         upstream = Upstream(settings.upstream, connect_timeout=settings.connect_timeout,
                             read_timeout=settings.read_timeout, metrics=metrics,
                             proxy=settings.proxy, ssl_context=tls)

@@ -18,7 +18,7 @@ import enum
 import logging
 import os
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from imgcache.config import format_size
@@ -251,7 +251,7 @@ class FillRegistry:
     """The fills in flight, one per image at most; it owns their tasks."""
 
     def __init__(self, store: Store, upstream: Upstream, metrics: Metrics,
-                 control: ThreadPoolExecutor, pipeline: ThreadPoolExecutor, *,
+                 control: ThreadPoolExecutor, pipeline: Executor, *,
                  retries: int, retry_backoff: float, tier: Tier | None = None) -> None:
         self._store = store
         self._tier = tier

@@ -9,7 +9,7 @@ import random
 import re
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -58,7 +58,7 @@ class Services:
     metrics: Metrics
     prefetcher: Prefetcher
     verifier: Verifier
-    pipeline: ThreadPoolExecutor
+    pipeline: Executor
     history: AccessHistory
 
 

@@ -20,7 +20,7 @@ import contextlib
 import os
 import queue
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from typing import Any
 
 from imgcache.digest import Expected
@@ -45,7 +45,7 @@ class _Consumer:
         self.error: BaseException | None = None  # likewise
         self.finished: asyncio.Future[Any] | None = None  # set by start()
 
-    def start(self, pool: ThreadPoolExecutor) -> None:
+    def start(self, pool: Executor) -> None:
         """Run the consumer on a pool thread."""
         self.finished = self._loop.run_in_executor(pool, self._run)
 
@@ -117,7 +117,7 @@ class _Hasher(_Consumer):
 class _Pipeline:
     """Chunks fed on the loop to consumer threads, with a bound on what is queued."""
 
-    def __init__(self, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, pool: Executor) -> None:
         self._loop = asyncio.get_running_loop()
         self._pool = pool
         self._consumers: list[_Consumer] = []
@@ -188,7 +188,7 @@ class DiskAndHashSink(_Pipeline):
     """A fill's bytes: written to its partial file and hashed, each on a thread of its own.
     ``on_written`` runs on the writer thread after each batch is on disk."""
 
-    def __init__(self, pool: ThreadPoolExecutor, fd: int, expected: Expected,
+    def __init__(self, pool: Executor, fd: int, expected: Expected,
                  on_written: Callable[[int], None]) -> None:
         super().__init__(pool)
         self._writer = _Writer(self._loop, self._wake_feeder, fd, on_written)
@@ -213,7 +213,7 @@ class DiskAndHashSink(_Pipeline):
 class HashSink(_Pipeline):
     """Bytes that are only hashed (a download streamed through to a client), on a thread."""
 
-    def __init__(self, pool: ThreadPoolExecutor, hasher: Any) -> None:
+    def __init__(self, pool: Executor, hasher: Any) -> None:
         super().__init__(pool)
         self._add(_Hasher(self._loop, self._wake_feeder, hasher))
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from typing import Any
 
 from imgcache.credentials import AllowedCallers
@@ -64,7 +64,7 @@ class _HeldTail:
 class VerifiedStream:
     """One image's bytes from Glance, verified before the last of them is passed on."""
 
-    def __init__(self, download: ResumableDownload, pipeline: ThreadPoolExecutor,
+    def __init__(self, download: ResumableDownload, pipeline: Executor,
                  metrics: Metrics, image_id: str, expected: Expected,
                  callers: AllowedCallers) -> None:
         self._download = download
