@@ -162,9 +162,11 @@ class Fill:
     def add_written(self, count: int) -> None:
         """Runs on the writer thread: ``count`` more bytes are on disk. Readers waiting for
         them are woken once ANNOUNCE_BYTES have piled up or at the next tick, not for each
-        write: every wake-up costs the loop a round trip to a worker thread per reader."""
+        write: every wake-up costs the loop a round trip to a worker thread per reader. The
+        first bytes are announced at once: every client waits for them before its first byte."""
         self.written += count
-        if self.written - self._announced >= ANNOUNCE_BYTES and not self._announce_pending:
+        if ((self._announced == 0 or self.written - self._announced >= ANNOUNCE_BYTES)
+                and not self._announce_pending):
             self._announce_pending = True
             call_on_loop(self._loop, self._announce)
 

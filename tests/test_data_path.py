@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from inloop import OTHER_TOKEN, TOKEN, Imgcache, ImgcacheFactory
 
+from imgcache import fill
 from imgcache.standin import Fault, GlanceStandin
 
 MiB = 1 << 20
@@ -18,6 +19,25 @@ MiB = 1 << 20
 
 def sha512(data: bytes) -> str:
     return hashlib.sha512(data).hexdigest()
+
+
+async def test_the_first_bytes_on_disk_reach_a_waiting_client_at_once(
+    glance: GlanceStandin, imgcache: Imgcache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With the periodic wake-up of waiting readers pushed out of reach, and an image smaller
+    # than the bytes that wake them, only the announcement of the first bytes written lets
+    # the client start before the download (about 2 s) is over.
+    monkeypatch.setattr(fill, "ANNOUNCE_SECONDS", 3600.0)
+    image = await glance.add_image(size=8 * MiB)
+    assert image.size < fill.ANNOUNCE_BYTES
+    glance.faults[image.id] = Fault(rate=4 * MiB)
+    headers = {"X-Auth-Token": TOKEN}
+    async with imgcache.session.get(imgcache.data_url(image.id), headers=headers) as resp:
+        body = bytearray(await resp.content.readany())
+        # Glance is still sending: the client did not wait for the whole download.
+        assert (await imgcache.metrics())["imgcache_upstream_bytes_total"] < image.size / 2
+        body += await resp.read()
+    assert sha512(bytes(body)) == image.os_hash_value
 
 
 async def test_cold_storm_is_one_upstream_get_and_followers_stream_early(
