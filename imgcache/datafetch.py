@@ -312,6 +312,8 @@ class _Connection(asyncio.BufferedProtocol):
         if self._buffer is not None:
             self._pool.drop(self._buffer)
             self._buffer = None
+        self._pool.close()
+        self._parser = None  # it refers back to this protocol
         if self._transport is not None and not self._closed:
             if self._ended:
                 self._transport.close()

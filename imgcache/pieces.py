@@ -43,6 +43,7 @@ class PiecePool:
         self._made = 0
         self._free: list[Buffer] = []
         self._lock = threading.Lock()
+        self._closed = False
         self.wanted = False  # set by the receiver when it found no buffer free
 
     def take(self) -> Buffer | None:
@@ -76,13 +77,22 @@ class PiecePool:
         """Give back one reference to ``buffer``; the last one returns it to the pool."""
         with self._lock:
             buffer.refs -= 1
-            if buffer.refs:
+            if buffer.refs or self._closed:
                 return
             self._free.append(buffer)
             wake = self.wanted
             self.wanted = False
         if wake:
             self._on_free()
+
+    def close(self) -> None:
+        """The download is over: its buffers are freed as soon as nobody holds them (now,
+        not at the next garbage collection: the receiver and its pool refer to each other)."""
+        with self._lock:
+            self._closed = True
+            self._free.clear()
+            self.wanted = False
+        self._on_free = _nothing
 
 
 class Piece:
@@ -118,3 +128,7 @@ class Piece:
         """One holder is done with the piece (safe on any thread)."""
         if self._pool is not None and self._buffer is not None:
             self._pool.drop(self._buffer)
+
+
+def _nothing() -> None:
+    """What a closed pool calls when a buffer comes free: nothing."""
