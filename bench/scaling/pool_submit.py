@@ -4,17 +4,17 @@ inside ``submit``, ``imgcache.threadpool.SparePool`` leaves that to its starter 
 repetition submits ``--calls`` calls that hold their thread, 2 ms apart, to both pools in
 turn; medians, 90th percentiles and maxima of the submit times, in milliseconds.
 
-    .venv/bin/python bench/pool_submit.py [--calls 64] [--reps 3]
+    .venv/bin/python -m bench.scaling.pool_submit [--calls 64] [--reps 3]
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import threading
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
 
+from bench.common.lifecycle import argument_parser
 from imgcache.app import PIPELINE_THREADS, PIPELINE_THREADS_SPARE, PIPELINE_THREADS_STARTED
 from imgcache.threadpool import SparePool
 
@@ -37,7 +37,7 @@ def submit_times(pool: Executor, calls: int) -> list[float]:
 
 def main() -> None:
     """Run the comparison and print one line per pool and repetition."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__spec__.name, __doc__)
     parser.add_argument("--calls", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
