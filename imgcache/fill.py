@@ -186,6 +186,11 @@ class Fill:
         self._failure = failure
         self._notify()
 
+    def closing(self) -> None:
+        """The fill's files are about to be closed (on a thread): no reader may dup the
+        shared read fd from now on (``open_reader`` waits for ``closed`` and answers None)."""
+        self._read_fd = None
+
     def closed(self) -> None:
         """The fill is over and its file closed: wake every reader."""
         if self._ticker is not None:
@@ -378,6 +383,7 @@ class FillRegistry:
             # Closed on a thread once the sink's threads are done with the write fd; no
             # reader uses the shared read fd itself (each has its own dup).
             if fds:
+                fill.closing()
                 await loop.run_in_executor(self._control, _close_fds, fds)
             fill.closed()
             self._metrics.fills.labels(outcome).inc()
