@@ -204,14 +204,20 @@ async def test_a_metadata_reply_split_across_segments_is_read_whole(
     assert sha512(body) == image.os_hash_value
 
 
-async def test_a_dropped_image_forgets_its_remembered_decisions(
-    glance: GlanceStandin, imgcache_factory: ImgcacheFactory
-) -> None:
-    imgcache = await imgcache_factory(decision_ttl="60s")
+async def cached_with_tokens_remembered(glance: GlanceStandin, imgcache: Imgcache) -> str:
+    """A new image, cached through TOKEN (whose "allowed" is now remembered); its id."""
     image = await glance.add_image(size=MiB, owner_tokens=[TOKEN, OTHER_TOKEN])
     assert (await imgcache.get(image.id, token=TOKEN))[0] == 200
     await imgcache.wait_for_metric('imgcache_fills_total{outcome="committed"}', 1)
     assert (await imgcache.get(image.id, token=TOKEN))[1]["X-Cache-Status"] == "HIT"
+    return image.id
+
+
+async def test_a_dropped_image_forgets_its_remembered_decisions(
+    glance: GlanceStandin, imgcache_factory: ImgcacheFactory
+) -> None:
+    imgcache = await imgcache_factory(decision_ttl="60s")
+    image = glance.images[await cached_with_tokens_remembered(glance, imgcache)]
     glance.images[image.id].status = "deactivated"
     # Another caller learns it first: the cached copy goes, and so does TOKEN's "allowed".
     status, _, body = await imgcache.get(image.id, token=OTHER_TOKEN)

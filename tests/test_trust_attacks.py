@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 import rawhttp
 from inloop import OTHER_TOKEN, TOKEN, Imgcache, ImgcacheFactory
+from test_trust import cached_with_tokens_remembered
 
 from imgcache.app import Running, apply_reload, running
 from imgcache.config import load_settings
@@ -222,10 +223,7 @@ async def test_a_deleted_image_is_refused_to_new_callers_and_to_remembered_ones_
     imgcache cannot tell from "this token may not see it": the README's decision window.
     A caller not remembered gets 404 at once, a remembered one at most decision_ttl later."""
     imgcache = await imgcache_factory(decision_ttl="2s")
-    image = await glance.add_image(size=MiB, owner_tokens=[TOKEN, OTHER_TOKEN])
-    assert (await imgcache.get(image.id, token=TOKEN))[0] == 200
-    await imgcache.wait_for_metric('imgcache_fills_total{outcome="committed"}', 1)
-    assert (await imgcache.get(image.id, token=TOKEN))[1]["X-Cache-Status"] == "HIT"
+    image = glance.images[await cached_with_tokens_remembered(glance, imgcache)]
     glance.images[image.id].status = "deleted"
     status, _, body = await imgcache.get(image.id, token=OTHER_TOKEN)
     assert status == 404 and len(body) < 4096
