@@ -44,6 +44,8 @@ FLUSH_SECONDS = 0.005
 #: Buffer of response heads and chunked bodies (parsed by httptools); bound of a head.
 PARSE_BUFFER_BYTES = 256 << 10
 MAX_HEAD_BYTES = 1 << 20
+#: A chunked body's parsed pieces waiting for their reader: reading pauses above this.
+CHUNKED_QUEUE_BYTES = POOL_BUFFERS * BUFFER_BYTES
 #: Reads that come while no pool buffer is free (should not happen) go here, then are copied.
 _SPARE_BYTES = 64 << 10
 
@@ -106,7 +108,7 @@ class DataClient:
         try:
             try:
                 async with asyncio.timeout(self._connect_timeout):
-                    await self._connect(connection, host, port, authority, https)
+                    await self._connect(connection, host, port, https)
             except TimeoutError:
                 raise ConnectTimedOut() from None
             await connection.exchange(head)
@@ -115,7 +117,7 @@ class DataClient:
             raise
         return DataResponse(connection)
 
-    async def _connect(self, connection: _Connection, host: str, port: int, authority: str,
+    async def _connect(self, connection: _Connection, host: str, port: int,
                        https: bool) -> None:
         loop = asyncio.get_running_loop()
         context = self._context() if https else None
@@ -136,7 +138,8 @@ class DataClient:
             raise ConnectFailed(exc, via_proxy=True) from exc
         if context is None:
             return
-        connect = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode()
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # RFC 9110 9.3.6
+        connect = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode()
         status = await connection.exchange(connect, tunnel=True)
         if status != 200:
             raise TunnelRefused(status)
@@ -230,6 +233,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._remaining: int | None = None  # bytes of the body still to come (None: to EOF)
         self._ended = False  # every byte of the body arrived
         self._ready: deque[Piece] = deque()
+        self._queued = 0  # bytes of a chunked body's pieces in _ready
         self._pool = PiecePool(BUFFER_BYTES, POOL_BUFFERS, self._freed_on_any_thread)
         self._buffer: Buffer | None = None
         self._filled = 0  # bytes of the current buffer received
@@ -276,7 +280,10 @@ class _Connection(asyncio.BufferedProtocol):
         """See DataResponse.next_piece."""
         while True:
             if self._ready:
-                return self._ready.popleft()
+                piece = self._ready.popleft()
+                if not self._raw:
+                    self._taken_parsed(len(piece))
+                return piece
             if self._error is not None:
                 raise self._error
             if self._ended:
@@ -356,14 +363,12 @@ class _Connection(asyncio.BufferedProtocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        """The connection is gone."""
+        """The connection is gone. Never the end of a body: that is ``eof_received`` (a
+        FIN, or TLS's close_notify); a TLS connection cut without close_notify comes here."""
         if not self._ended and self._error is None:
-            if exc is None and self._raw and self._remaining is None:
-                self._end_body()
-            else:
-                error = Disconnected(self._cut_short() + (f" ({exc})" if exc else ""))
-                error.__cause__ = exc
-                self._fail(error)
+            error = Disconnected(self._cut_short() + (f" ({exc})" if exc else ""))
+            error.__cause__ = exc
+            self._fail(error)
         self._closed = True
         self._wake()
 
@@ -379,8 +384,10 @@ class _Connection(asyncio.BufferedProtocol):
         self.reason = status.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        """One header of the head."""
-        self._header_pairs.append((name, value))
+        """One header of the head (a chunked body's trailer fields are ignored: nothing
+        reads them, and they would not be bounded by MAX_HEAD_BYTES)."""
+        if not self._head_done:
+            self._header_pairs.append((name, value))
 
     def on_headers_complete(self) -> None:
         """The head is in: choose how the body is read."""
@@ -397,9 +404,12 @@ class _Connection(asyncio.BufferedProtocol):
         self._head_done = True
         if self._tunnel:
             return
-        length = headers.get("Content-Length")
-        self.content_length = int(length) if length is not None and length.isdigit() else None
-        chunked = "chunked" in headers.get("Transfer-Encoding", "").lower()
+        length = headers.get("Content-Length", "").strip(" \t")
+        self.content_length = int(length) if length.isdigit() else None
+        # Every Transfer-Encoding field counts; the body is chunked when the last coding is.
+        codings = [coding.strip().lower() for field in headers.getall("Transfer-Encoding", [])
+                   for coding in field.split(",") if coding.strip()]
+        chunked = bool(codings) and codings[-1] == "chunked"
         if status in (204, 304):
             self._remaining = 0
         elif not chunked:
@@ -417,6 +427,13 @@ class _Connection(asyncio.BufferedProtocol):
             self._remaining -= len(body)
         if body:
             self._ready.append(Piece.of(body))
+            if not self._raw:
+                self._queued += len(body)
+                if self._queued > CHUNKED_QUEUE_BYTES and not self._paused:
+                    # Nobody is taking them (a slow client of a stream through): wait.
+                    self._paused = True
+                    if self._transport is not None:
+                        self._transport.pause_reading()
 
     def on_message_complete(self) -> None:
         """The parser saw the end of the answer."""
@@ -433,7 +450,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._head_bytes += len(data)
         try:
             parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             if not self._raw or self._remaining != 0:
                 self._fail(BadAnswer(f"cannot parse Glance's answer: {exc}"))
                 return
@@ -525,6 +542,15 @@ class _Connection(asyncio.BufferedProtocol):
         self._paused = True
         if self._transport is not None:
             self._transport.pause_reading()
+
+    def _taken_parsed(self, count: int) -> None:
+        """The reader took ``count`` bytes of a chunked body: read on below half the bound."""
+        self._queued -= count
+        if self._paused and self._queued <= CHUNKED_QUEUE_BYTES // 2 and not self._closed:
+            self._paused = False
+            self._last_read = self._loop.time()  # waiting on our reader is not silence
+            if self._transport is not None:
+                self._transport.resume_reading()
 
     def _freed_on_any_thread(self) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to resume
