@@ -20,13 +20,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from imgcache.admin import bind_admin_socket, create_admin_app, set_socket_access
+from imgcache.authorize import Authorizer
 from imgcache.config import Settings, format_size, parse_duration
 from imgcache.errors import ConfigError
 from imgcache.fill import FillRegistry
 from imgcache.glance_cache import CACHE_API, CacheApi, serve_cache_api, serve_versions
 from imgcache.handlers import SERVICES, Services, dispatch
 from imgcache.health import readiness
-from imgcache.history import AccessHistory, RecordingAuthorizer, ServerState
+from imgcache.history import AccessHistory, ServerState
 from imgcache.keystone import KeystoneRoles
 from imgcache.logs import setup_logging
 from imgcache.metrics import WORKING_SET_WINDOWS, Metrics
@@ -129,8 +130,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
         predictions = Predictions(history, server_state, metrics)
         app[PREDICTIONS] = predictions
         await upstream.start()
-        authorizer = RecordingAuthorizer(upstream, settings.decision_ttl, metrics,
-                                         settings.policy_check, history=history)
+        authorizer = Authorizer(upstream, settings.decision_ttl, metrics,
+                                settings.policy_check)
         tier = _tier(settings, metrics, tls)
         if tier is not None:
             await tier.start()

@@ -128,6 +128,7 @@ class ImageDataRequest:
         self.sent = 0
         self.status = 0  # 0 until answered; 499 when the client went away mid-body
         self._image_answer: web.StreamResponse | None = None  # once its headers are built
+        self._info: ImageInfo | None = None  # what Glance said, once it allowed the caller
 
     async def serve(self) -> web.StreamResponse:
         """Answer the request and log one line about it."""
@@ -152,7 +153,9 @@ class ImageDataRequest:
             metrics = self.services.metrics
             metrics.requests.labels(self.result).inc()
             metrics.served_bytes.labels(self.result).inc(self.sent)
-            self.services.history.record(self.raw_id, self.result)
+            info = self._info
+            if info is not None and info.status == "active" and info.expected is not None:
+                self.services.history.record(info.image_id, info.expected.size, self.result)
             fields = {"request_id": self.request_id, "image_id": self.raw_id[:64],
                       "result": self.result.upper(), "status": self.status,
                       "bytes": self.sent, "duration": round(time.monotonic() - started, 3)}
@@ -167,6 +170,7 @@ class ImageDataRequest:
         except Denied as denied:
             self.result = "denied"
             return glance_answer(denied.status, denied.headers, denied.body)
+        self._info = info
         if info.status != "active" or info.expected is None:
             self._drop_if_gone(info)
             # Glance answers these itself (204 without data, 403 deactivated...).

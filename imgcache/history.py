@@ -27,12 +27,11 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from imgcache.authorize import Authorizer, ImageInfo
 from imgcache.config import parse_duration
 from imgcache.history_files import (
     CURRENT,
@@ -58,8 +57,8 @@ FLUSH_SECONDS = 5.0
 FLUSH_RECORDS = 4096
 #: The longest working-set window: how far back images are remembered in memory.
 LONGEST_WINDOW = max(parse_duration(window) for window in WORKING_SET_WINDOWS)
-#: Images whose Glance size is remembered (least recently authorized dropped first); an image
-#: dropped from it is learnt again at its next authorization.
+#: Images whose id bytes and last use are kept in memory (the oldest dropped first; the id
+#: is worked out again at its next request).
 MAX_KNOWN_IMAGES = 100_000
 
 
@@ -72,7 +71,6 @@ class AccessHistory:
         self.max_requests = max_requests
         self._state = state
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="imgcache-history")
-        self._sizes: dict[str, int] = {}  # image id -> size, for active images with a size
         self._ids: dict[str, bytes] = {}  # image id -> its 16 UUID bytes
         self._last_seen: dict[str, tuple[float, int]] = {}  # image id -> (time, size)
         self._pending: list[bytes] = []
@@ -167,23 +165,12 @@ class AccessHistory:
                             seen[raw] = (float(when), size)
         return {str(uuid.UUID(bytes=raw)): value for raw, value in seen.items()}
 
-    def learn(self, info: ImageInfo) -> None:
-        """Note what Glance says of an image: its size if it is active and has one."""
-        if not self.enabled:
-            return
-        self._sizes.pop(info.image_id, None)
-        if info.status == "active" and info.expected is not None:
-            self._sizes[info.image_id] = info.expected.size
-            if len(self._sizes) > MAX_KNOWN_IMAGES:
-                del self._sizes[next(iter(self._sizes))]
-
-    def record(self, image_id: str, result: str) -> None:
-        """One image request ended with ``result``; record it if it reached the cache.
-        Runs on the event loop for every request: memory only."""
-        image_id = image_id.lower()
-        size = self._sizes.get(image_id)
+    def record(self, image_id: str, size: int, result: str) -> None:
+        """One request for an active image of ``size`` bytes (as Glance published it) ended
+        with ``result``; record it if it reached the cache. Runs on the event loop for every
+        request: memory only."""
         code = _CODE_OF.get(result)
-        if size is None or code is None:
+        if code is None or not self.enabled:
             return
         raw = self._ids.get(image_id)
         if raw is None:
@@ -274,18 +261,3 @@ class AccessHistory:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-
-
-class RecordingAuthorizer(Authorizer):
-    """The Authorizer, also telling the access history each image's size as Glance
-    publishes it (the history records a request's image size from that)."""
-
-    def __init__(self, *args: Any, history: AccessHistory, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._history = history
-
-    async def authorize(self, image_id: str, headers: Mapping[str, str]) -> ImageInfo:
-        """See Authorizer.authorize."""
-        info = await super().authorize(image_id, headers)
-        self._history.learn(info)
-        return info
