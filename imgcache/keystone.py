@@ -29,7 +29,7 @@ import aiohttp
 
 from imgcache.decisions import Decisions
 from imgcache.errors import ImgcacheError, UpstreamError, UpstreamUnavailable
-from imgcache.upstream import Upstream
+from imgcache.upstream import Upstream, read_whole
 
 log = logging.getLogger(__name__)
 
@@ -115,17 +115,6 @@ def _epoch(text: object) -> float:
         return 0.0
 
 
-async def _read_whole(response: aiohttp.ClientResponse, base: str) -> bytes:
-    """Keystone's whole answer, however many segments it came in (at most 1 MiB)."""
-    body = bytearray()
-    while chunk := await response.content.read(_MAX_ANSWER_BYTES + 1 - len(body)):
-        body += chunk
-        if len(body) > _MAX_ANSWER_BYTES:
-            raise UpstreamError(f"Keystone at {base} sent a token validation of more than "
-                                f"{_MAX_ANSWER_BYTES} bytes")
-    return bytes(body)
-
-
 class KeystoneRoles:
     """Checks that a caller's token holds one of ``roles``, asking Keystone."""
 
@@ -204,7 +193,10 @@ class KeystoneRoles:
             async with self._session.get(url, headers={
                     "X-Auth-Token": token, "X-Subject-Token": token,
                     "Accept": "application/json"}) as response:
-                body = await _read_whole(response, base)
+                body = await read_whole(response, _MAX_ANSWER_BYTES)
+                if body is None:
+                    raise UpstreamError(f"Keystone at {base} sent a token validation of more "
+                                        f"than {_MAX_ANSWER_BYTES} bytes")
                 status = response.status
         except (aiohttp.ClientConnectorError, TimeoutError) as exc:
             raise UpstreamUnavailable(f"cannot ask Keystone at {base} for the token's roles: "

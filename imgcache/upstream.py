@@ -116,6 +116,17 @@ def tls_context(settings: Settings) -> ssl.SSLContext:
     return context
 
 
+async def read_whole(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """A small answer's whole body, however many segments it arrives in; None when it is
+    longer than ``limit`` bytes (reading stops there)."""
+    body = bytearray()
+    while chunk := await response.content.read(limit + 1 - len(body)):
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
 class Upstream:
     """A pool of connections to Glance, tried in the configured order. Image-data GETs go
     through ``proxy`` when one is set; everything else, authorization included, goes to
@@ -264,18 +275,14 @@ class Upstream:
         if response.content_length is not None and response.content_length > limit:
             raise UpstreamError(f"Glance's answer to {during} is {response.content_length} "
                                 f"bytes, more than the {limit} expected")
-        body = bytearray()
         try:
-            while chunk := await response.content.read(limit + 1 - len(body)):
-                body += chunk
-                if len(body) > limit:
-                    raise UpstreamError(f"Glance's answer to {during} is longer than the "
-                                        f"{limit} bytes expected")
-        except UpstreamError:
-            raise
+            body = await read_whole(response, limit)
         except Exception as exc:
             raise self.broken(exc, during) from exc
-        return bytes(body)
+        if body is None:
+            raise UpstreamError(f"Glance's answer to {during} is longer than the {limit} "
+                                "bytes expected")
+        return body
 
     def broken(self, exc: BaseException, during: str) -> UpstreamError:
         """Translate an error raised while reading a response body, counting it."""
