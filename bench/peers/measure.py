@@ -400,14 +400,21 @@ def _check_storm(checks: Checks, name: str, label: str, rep: StormRep, size: int
                       == clients, str(dict(statuses)))
 
 
-def record_storm(results: Results, key: str, name: str, rep: StormRep) -> None:
-    """Add one storm's figures to the series ``key``.*."""
-    ttfbs = [d.ttfb for d in rep.batch.downloads]
-    results.add(f"{key}.wall", name, rep.batch.wall)
+def record_ttfbs(results: Results, key: str, name: str, batch: Batch) -> None:
+    """Add the clients' times to first byte of ``batch`` to the series ``key``.ttfb_*: the
+    first client started, p50, p99, p99 minus the first, and the largest."""
+    ttfbs = [d.ttfb for d in batch.downloads]
     results.add(f"{key}.ttfb_first", name, ttfbs[0])
     results.add(f"{key}.ttfb_p50", name, percentile(ttfbs, 50))
     results.add(f"{key}.ttfb_p99", name, percentile(ttfbs, 99))
     results.add(f"{key}.ttfb_spread", name, percentile(ttfbs, 99) - ttfbs[0])
+    results.add(f"{key}.ttfb_max", name, max(ttfbs))
+
+
+def record_storm(results: Results, key: str, name: str, rep: StormRep) -> None:
+    """Add one storm's figures to the series ``key``.*."""
+    results.add(f"{key}.wall", name, rep.batch.wall)
+    record_ttfbs(results, key, name, rep.batch)
     results.add(f"{key}.requests", name, rep.upstream_requests)
     if rep.upstream_bytes >= 0:
         results.add(f"{key}.upstream_mb", name, rep.upstream_bytes / 1e6)
@@ -466,12 +473,8 @@ def measure_storms(bench: PeerBench, names: list[str], image_key: str, links: li
     for rep in range(reps):
         progress(f"storm rep {rep + 1}/{reps}")
         fan = fanout(bench, fixed, clients)
-        res.add("storm.fanout_wall", BOUND, fan.wall)
-        ttfbs = [d.ttfb for d in fan.downloads]
-        res.add("storm.fanout_ttfb_first", BOUND, ttfbs[0])
-        res.add("storm.fanout_ttfb_p50", BOUND, percentile(ttfbs, 50))
-        res.add("storm.fanout_ttfb_p99", BOUND, percentile(ttfbs, 99))
-        res.add("storm.fanout_ttfb_spread", BOUND, percentile(ttfbs, 99) - ttfbs[0])
+        res.add("storm.fanout.wall", BOUND, fan.wall)
+        record_ttfbs(res, "storm.fanout", BOUND, fan)
         for link in links:
             up = bench.upstreams[link]
             key = f"storm.{link}"

@@ -19,6 +19,7 @@ from bench.common.report_parts import (
     verdict,
 )
 from bench.peers.measure import BOUND, DIRECT, IMGCACHE, NGINX, NGINX_1H, VARNISH, Results
+from bench.peers.shaping import UNSHAPED
 
 COLUMNS = [IMGCACHE, NGINX, NGINX_1H, VARNISH, DIRECT]
 PEERS = [NGINX, NGINX_1H, VARNISH, DIRECT]
@@ -70,7 +71,7 @@ def storm_bound(link: str) -> Callable[[Results], float]:
     """The bound no cache can beat on ``link``: the larger of one direct download at the
     link's speed and nginx fanning the local file out to the same clients."""
     return lambda r: max(r.median(f"storm.{link}.direct1_wall", BOUND),
-                         r.median("storm.fanout_wall", BOUND))
+                         r.median("storm.fanout.wall", BOUND))
 
 
 def rows(sizes: Sizes) -> list[tuple[str, list[Row]]]:
@@ -91,13 +92,15 @@ def rows(sizes: Sizes) -> list[tuple[str, list[Row]]]:
             Row("wall s, no cache: clients x image / link, computed (not run)",
                 f"{key}.wall_computed", INFO, ".1f"),
             Row("time to first byte, first client s", f"{key}.ttfb_first", LOWER, ".3f",
-                _bound("storm.fanout_ttfb_first")),
+                _bound("storm.fanout.ttfb_first")),
             Row("time to first byte, p50 s", f"{key}.ttfb_p50", LOWER, ".3f",
-                _bound("storm.fanout_ttfb_p50")),
+                _bound("storm.fanout.ttfb_p50")),
             Row("time to first byte, p99 s", f"{key}.ttfb_p99", LOWER, ".3f",
-                _bound("storm.fanout_ttfb_p99")),
+                _bound("storm.fanout.ttfb_p99")),
             Row("p99 minus the first client's time to first byte s", f"{key}.ttfb_spread",
-                LOWER, ".3f", _bound("storm.fanout_ttfb_spread")),
+                LOWER, ".3f", _bound("storm.fanout.ttfb_spread")),
+            Row("time to first byte, max s", f"{key}.ttfb_max", LOWER, ".3f",
+                _bound("storm.fanout.ttfb_max")),
             Row("upstream data requests", f"{key}.requests", LOWER, ".0f"),
             Row("upstream MB", f"{key}.upstream_mb", LOWER, ".0f",
                 lambda r, s=sizes.storm: s / 1e6),
@@ -157,6 +160,7 @@ def rows(sizes: Sizes) -> list[tuple[str, list[Row]]]:
             Row("time to first byte, p99 s", "real.ttfb_p99", LOWER, ".3f"),
             Row("p99 minus the first client's time to first byte s", "real.ttfb_spread",
                 LOWER, ".3f"),
+            Row("time to first byte, max s", "real.ttfb_max", LOWER, ".3f"),
             Row("upstream data requests", "real.requests", LOWER, ".0f"),
             Row("imgcache's metadata GETs to Glance (authorization)", "real.metadata_gets",
                 INFO, ".0f"),
@@ -216,18 +220,38 @@ def _fmt(value: float, fmt: str = ".2f") -> str:
     return "n/a" if math.isnan(value) else format(value, fmt)
 
 
+def _ratio(mine: float, theirs: float) -> float:
+    """``mine / theirs``; NaN when either is missing or ``theirs`` is 0."""
+    return mine / theirs if theirs and not math.isnan(theirs) else math.nan
+
+
+def _met(ratio: float, ok: Callable[[float], bool]) -> bool | None:
+    return None if math.isnan(ratio) else ok(ratio)
+
+
+#: The two nginx figures imgcache's hits are held to, by contender.
+_NGINXES = {NGINX: "nginx proxy_cache", DIRECT: "nginx serving the file itself"}
+
+
+def _against_nginxes(r: Results, metric: str, fmt: str) -> tuple[dict[str, float], str]:
+    """imgcache's median of ``metric`` over nginx proxy_cache's and over nginx serving the
+    file itself ({contender: ratio}), and the text of both (their medians in ``fmt``)."""
+    mine = r.median(metric, IMGCACHE)
+    theirs = {name: r.median(metric, name) for name in _NGINXES}
+    ratios = {name: _ratio(mine, value) for name, value in theirs.items()}
+    return ratios, ", ".join(f"{_fmt(ratios[name])}x {label} ({_fmt(theirs[name], fmt)})"
+                             for name, label in _NGINXES.items())
+
+
 def targets(results: Results, sizes: Sizes) -> list[Target]:
-    """Every target of the issue with the run's figure."""
+    """Every target of the issue with the run's figure, by scenario."""
     r = results
     found: list[Target] = []
     for metric, what in (("hit1.mbps", "1 client"), ("hitN.mbps", f"{sizes.clients} clients")):
-        mine = r.median(metric, IMGCACHE)
-        nginx = r.median(metric, NGINX)
-        direct = r.median(metric, DIRECT)
+        ratios, text = _against_nginxes(r, metric, ".0f")
         found.append(Target("1", f"hit throughput, {what}: >= 1.0x nginx proxy_cache's "
-                            "(uvloop on)", f"{_fmt(mine / nginx)}x nginx proxy_cache, "
-                            f"{_fmt(mine / direct)}x nginx serving the file itself",
-                            None if math.isnan(mine / nginx) else mine / nginx >= 1.0))
+                            "(uvloop on)", f"{_fmt(r.median(metric, IMGCACHE), '.0f')} MB/s: "
+                            f"{text}", _met(ratios[NGINX], lambda x: x >= 1.0)))
     for link, label in sizes.links.items():
         key = f"storm.{link}"
         requests = r.get(f"{key}.requests", IMGCACHE)
@@ -237,7 +261,7 @@ def targets(results: Results, sizes: Sizes) -> list[Target]:
                             ", ".join(f"{v:.0f}" for v in requests),
                             all(v == 1 for v in requests)))
         spread = r.get(f"{key}.ttfb_spread", IMGCACHE)
-        floor = r.median("storm.fanout_ttfb_spread", BOUND)
+        floor = r.median("storm.fanout.ttfb_spread", BOUND)
         found.append(Target("2", f"{label}: p99 time to first byte within 0.1 s of the "
                             "first client's", f"p99 - first = {_fmt(median(spread), '.3f')} s "
                             f"(median; max {_fmt(max(spread), '.3f')}); nginx serving the "
@@ -286,7 +310,85 @@ def targets(results: Results, sizes: Sizes) -> list[Target]:
         found.append(Target("5", "bytes written per fill <= 1.02x the image",
                             f"max {max(written):.3f} over {len(written)} fills",
                             max(written) <= 1.02))
+    found += [*_cold_cost_targets(r), *_storm_race_targets(r, sizes), *_small_targets(r)]
+    return sorted(found, key=lambda t: t.scenario)
+
+
+def _cold_cost_targets(r: Results) -> list[Target]:
+    """Scenario 3's targets against the sha512 bound measured in the same repetitions:
+    imgcache's CPU per cold GB, and its cold miss rate."""
+    sha = r.median("cold.sha512_mbps", BOUND)
+    cpu = r.median("cold.cpu_s_per_gb", IMGCACHE)
+    if math.isnan(cpu) or math.isnan(sha):
+        return []
+    limit = 1000 / sha + 0.8
+    mine = r.median("cold.mbps", IMGCACHE)
+    ratio = _ratio(mine, sha)
+    return [
+        Target("3", "CPU s per cold GB (imgcache's processes) <= the sha512 cost per GB "
+               "measured in this run + 0.8 s",
+               f"{cpu:.2f} s/GB; sha512 {1000 / sha:.2f} s/GB (at {sha:.0f} MB/s) + 0.8 = "
+               f"{limit:.2f}; varnish {_fmt(r.median('cold.cpu_s_per_gb', VARNISH))} s/GB",
+               cpu <= limit),
+        Target("3", "cold miss, 1 client, loopback (no link): >= 0.9x the sha512 bound "
+               "(one core)", f"{_fmt(mine, '.0f')} MB/s = {_fmt(ratio)}x the bound "
+               f"{sha:.0f} MB/s", _met(ratio, lambda x: x >= 0.9)),
+    ]
+
+
+def _storm_race_targets(r: Results, sizes: Sizes) -> list[Target]:
+    """Scenario 2's targets against Varnish: imgcache's storm wall time <= Varnish's on
+    every link (the unshaped loopback one included), and the largest time to first byte
+    of any imgcache storm client over the links <= 0.2 s."""
+    found: list[Target] = []
+    worst: list[tuple[float, str]] = []
+    for link, label in sizes.links.items():
+        key = f"storm.{link}"
+        wall, varnish = r.median(f"{key}.wall", IMGCACHE), r.median(f"{key}.wall", VARNISH)
+        if math.isnan(wall):
+            continue
+        ratio = _ratio(wall, varnish)
+        found.append(Target("2", f"{label}: storm wall time <= 1.0x Varnish's",
+                            f"{wall:.2f} vs {_fmt(varnish)} s = {_fmt(ratio)}x",
+                            _met(ratio, lambda x: x <= 1.0)))
+        worst += [(v, label) for v in r.get(f"{key}.ttfb_max", IMGCACHE)]
+    if not found:
+        return []
+    if UNSHAPED not in sizes.links:
+        found.append(Target("2", "unshaped loopback: storm wall time <= 1.0x Varnish's",
+                            f"not run (--links without {UNSHAPED})", None))
+    if worst:
+        top, where = max(worst)
+        found.append(Target("2", "max time to first byte <= 0.2 s, over every imgcache "
+                            "client of every storm over a link",
+                            f"{top:.3f} s ({where}, of {len(worst)} storms); nginx's "
+                            "local file to as many clients: max "
+                            f"{_fmt(r.median('storm.fanout.ttfb_max', BOUND), '.3f')} s "
+                            "(median)", top <= 0.2))
     return found
+
+
+def _small_targets(r: Results) -> list[Target]:
+    """Scenario 6's targets, judged against the better of nginx proxy_cache and nginx
+    serving the file itself: the higher requests/s, the lower p99."""
+    if not r.get("small.rps", IMGCACHE):
+        return []
+    rps, rps_text = _against_nginxes(r, "small.rps", ".0f")
+    p99, p99_text = _against_nginxes(r, "small.p99_ms", ".1f")
+    # The better nginx has the higher requests/s (imgcache's smaller ratio) and the lower
+    # p99 (imgcache's larger ratio); NaN ratios (unmeasured) drop out of min/max.
+    low = min((x for x in rps.values() if not math.isnan(x)), default=math.nan)
+    high = max((x for x in p99.values() if not math.isnan(x)), default=math.nan)
+    return [
+        Target("6", "small hits: requests/s >= 0.8x nginx's (judged against the better "
+               "of nginx proxy_cache and nginx serving the file itself, the higher)",
+               f"{r.median('small.rps', IMGCACHE):.0f} req/s: {rps_text}",
+               _met(low, lambda x: x >= 0.8)),
+        Target("6", "small hits: latency p99 <= 1.5x nginx's (judged against the better "
+               "of the two, the lower p99)",
+               f"{r.median('small.p99_ms', IMGCACHE):.1f} ms: {p99_text}",
+               _met(high, lambda x: x <= 1.5)),
+    ]
 
 
 def _targets_table(found: list[Target]) -> str:

@@ -2,10 +2,11 @@
 ``.venv/bin/python -m bench.peers.run [--quick]`` (also ``make bench SUITE=peers``; see
 bench/README.md).
 
-Sets up on 127.0.0.1: nginx as a fast Glance stand-in (full speed, and on links held to
-1 and 10 Gbit/s with tc), a real glance-api 33, imgcache, nginx proxy_cache (lock on: its
-defaults, and lock timeout/age 1 h) and Varnish (streaming); drives them all with curl
-processes (wrk for small requests); writes bench/results/peers.md and peers.png.
+Sets up on 127.0.0.1: nginx as a fast Glance stand-in (full speed; and for the storms on
+links held to 1 and 10 Gbit/s with tc and on one unshaped loopback link), a real glance-api
+33, imgcache, nginx proxy_cache (lock on: its defaults, and lock timeout/age 1 h) and
+Varnish (streaming); drives them all with curl processes (wrk for small requests); writes
+bench/results/peers.md and peers.png.
 Installs nginx, varnish and wrk from Debian when they are missing (root).
 """
 
@@ -50,22 +51,28 @@ from bench.peers.measure import (
     measure_storms,
 )
 from bench.peers.report import Sizes, chart, render
-from bench.peers.shaping import LinkShaper, tc_usable
+from bench.peers.shaping import UNSHAPED, LinkShaper, tc_usable
 
 SCENARIOS = ("hits", "small", "storm", "cold", "big", "real")
 _LINK_UNITS = {"g": 10**9, "m": 10**6}
 
 
-def parse_link(text: str) -> tuple[str, int]:
-    """``1g`` -> ("1g", 10^9 bits/s); ``500m`` -> ("500m", 5 x 10^8)."""
+def parse_link(text: str) -> tuple[str, int | None]:
+    """``1g`` -> ("1g", 10^9 bits/s); ``500m`` -> ("500m", 5 x 10^8); ``lo`` -> ("lo",
+    None), unshaped loopback."""
     text = text.strip().lower().removesuffix("bit").removesuffix("bps")
+    if text == UNSHAPED:
+        return text, None
     if not text or text[-1] not in _LINK_UNITS or not text[:-1].replace(".", "").isdigit():
-        raise argparse.ArgumentTypeError(f"not a link speed: {text!r} (e.g. 1g, 10g, 500m)")
+        raise argparse.ArgumentTypeError(f"not a link speed: {text!r} (e.g. 1g, 10g, 500m, "
+                                         f"{UNSHAPED})")
     return text, int(float(text[:-1]) * _LINK_UNITS[text[-1]])
 
 
 def link_label(name: str) -> str:
-    """``1g`` -> ``1 Gbit/s``."""
+    """``1g`` -> ``1 Gbit/s``; ``lo`` -> ``unshaped loopback``."""
+    if name == UNSHAPED:
+        return "unshaped loopback"
     return f"{name[:-1]} {name[-1].upper()}bit/s"
 
 
@@ -90,8 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="wrk connections for small hits (64)")
     parser.add_argument("--small-seconds", type=float, help="wrk duration (3; quick 2)")
     parser.add_argument("--links", type=lambda t: [parse_link(x) for x in t.split(",")],
-                        default=[parse_link("1g"), parse_link("10g")],
-                        help="upstream link speeds of the storms (1g,10g)")
+                        default=[parse_link(x) for x in ("1g", "10g", UNSHAPED)],
+                        help="upstream links of the storms: speeds, or lo for one with no "
+                        "shaping (1g,10g,lo)")
     parser.add_argument("--verify", type=int, default=2,
                         help="storm clients per contender whose body is saved to tmpfs and "
                         "sha512-checked, the same for every contender (2)")
@@ -182,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
     lifecycle.check_disk(disk_need(args, images))
     checks, procs, results = Checks(), Processes(), Results()
     links = dict(args.links)
+    shaped = {name: bits for name, bits in links.items() if bits}
     stoppers: list[Callable[[], None]] = []
     with contextlib.ExitStack() as stack:
         run_dir, scratch = lifecycle.enter_run(stack, args.keep_work,
@@ -192,14 +201,14 @@ def run(args: argparse.Namespace) -> int:
 
         standin = Nginx(nginx_binary, run_dir / "standin", routes.all(),
                         [routes.fixed[k] for k in ("hit", "storm") if k in routes.fixed],
-                        procs, [ExtraGlance(name, None if use_tc else bits // 8)
+                        procs, [ExtraGlance(name, None if use_tc or not bits else bits // 8)
                                 for name, bits in links.items()])
         standin.start()
-        if use_tc:
+        if shaped and use_tc:
             shaper = LinkShaper(marker)
             stoppers.append(shaper.stop)
-            shaper.start({standin.ports[name]: bits for name, bits in links.items()})
-        else:
+            shaper.start({standin.ports[name]: bits for name, bits in shaped.items()})
+        elif shaped:
             results.notes.append(f"links held with nginx limit_rate per connection, not tc "
                                  f"({why_not}): every upstream connection gets a link of "
                                  "its own, which favours caches that download an image "
@@ -321,15 +330,18 @@ def _measure(bench: PeerBench, args: argparse.Namespace, real_routes: list[Route
 
 def _setup_lines(args: argparse.Namespace, use_tc: bool, why_not: str,
                  varnish_storage: str, ran_real: bool) -> list[str]:
-    links = ", ".join(link_label(name) for name, _ in args.links)
+    links = ", ".join(link_label(name) for name, bits in args.links if bits)
     shaping = ("tc HTB on lo, one class per stand-in port: one link shared by every "
                "connection to it, as a compute node's link to Glance is"
                if use_tc else f"nginx limit_rate per connection ({why_not})")
+    held = f"ports whose bandwidth is held to {links} ({shaping})" if links else ""
+    unshaped = ("one port with no class and no limit, at loopback speed (the unshaped "
+                "loopback link)" if any(bits is None for _, bits in args.links) else "")
     return [
         "Upstream: nginx as a Glance stand-in on Glance's paths (image JSON with size, "
         "checksum, os_hash_value sha512; image files with sendfile from the page cache, "
-        "no token checks); for the storms the same on ports whose bandwidth is held to "
-        f"{links} ({shaping})"
+        "no token checks); for the storms the same on "
+        + " and on ".join(part for part in (held, unshaped) if part)
         + ("; and a real glance-api 33 (gunicorn, 2 workers, file store, sqlite, no "
            "keystone) for one storm." if ran_real else "."),
         "imgcache: `imgcache serve` from this repo, defaults (uvloop, decision_ttl 30s), "

@@ -26,6 +26,9 @@ from bench.common.procs import pid_alive
 
 #: HTB handle of our root qdisc on lo (hex), to tell it from anyone else's.
 HANDLE = "1e5c"
+#: Name of the storm link with no bit rate: a stand-in port with no class, so its packets
+#: take HTB's direct queue, at loopback speed.
+UNSHAPED = "lo"
 
 
 def _tc(*args: str, check: bool = True) -> str:
