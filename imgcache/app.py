@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ from imgcache.health import readiness
 from imgcache.history import AccessHistory, ServerState
 from imgcache.keystone import KeystoneRoles
 from imgcache.logs import setup_logging
+from imgcache.loopthreads import LoopThreads
 from imgcache.metrics import WORKING_SET_WINDOWS, Metrics
 from imgcache.notify import SystemdNotifier
 from imgcache.openfiles import OpenFiles
@@ -100,12 +102,11 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
         # Reads the CA, certificate and key files: off the loop, before anything is served;
         # a bad file stops start-up (ConfigError) before anything is opened.
         tls = await asyncio.to_thread(tls_context, settings)
-        senders = ThreadPoolExecutor(FILE_THREADS, thread_name_prefix="imgcache-send",
-                                     initializer=_yield_to_the_loop)
+        senders = LoopThreads(FILE_THREADS, "imgcache-send", initializer=_yield_to_the_loop)
         control = ThreadPoolExecutor(CONTROL_THREADS, thread_name_prefix="imgcache-files")
         pipeline = SparePool(PIPELINE_THREADS, started=PIPELINE_THREADS_STARTED,
                              spare=PIPELINE_THREADS_SPARE, name="imgcache-pipe")
-        await asyncio.gather(_start_every_thread(senders, FILE_THREADS),
+        await asyncio.gather(asyncio.to_thread(senders.start),
                              _start_every_thread(control, CONTROL_THREADS),
                              asyncio.to_thread(pipeline.start))
         upstream = Upstream(settings.upstream, connect_timeout=settings.connect_timeout,
@@ -181,7 +182,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
         await open_files.close()
         await history.close()
         await store.close()
-        for pool in (senders, control, pipeline):
+        senders.shutdown()
+        for pool in (control, pipeline):
             pool.shutdown(wait=False, cancel_futures=True)
 
     app.cleanup_ctx.append(lifecycle)
@@ -327,6 +329,9 @@ async def serve_forever(settings: Settings, reload: Callable[[], Settings]) -> N
                      ", ".join(settings.upstream), settings.cache_dir,
                      format_size(settings.max_size),
                      served.metrics_url, settings.admin_socket)
+            # What start-up made lives as long as the server: out of the collector's
+            # sight, a full collection walks only what requests made since.
+            gc.freeze()
             notifier.ready(f"serving {served.proxy_url}")
             watchdog = asyncio.ensure_future(notifier.watchdog())
             while await received.get() == signal.SIGHUP:

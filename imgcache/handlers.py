@@ -150,17 +150,16 @@ class ImageDataRequest:
             self.status = self.status or response.status
             return response
         finally:
-            metrics = self.services.metrics
-            metrics.requests.labels(self.result).inc()
-            metrics.served_bytes.labels(self.result).inc(self.sent)
+            self.services.metrics.count_request(self.result, self.sent)
             info = self._info
             if info is not None and info.status == "active" and info.expected is not None:
                 self.services.history.record(info.image_id, info.expected.size, self.result)
-            fields = {"request_id": self.request_id, "image_id": self.raw_id[:64],
-                      "result": self.result.upper(), "status": self.status,
-                      "bytes": self.sent, "duration": round(time.monotonic() - started, 3)}
-            log.info("image request %s image=%s result=%s status=%s bytes=%d "
-                     "duration=%.3fs", *fields.values(), extra=fields)
+            if log.isEnabledFor(logging.INFO):
+                fields = {"request_id": self.request_id, "image_id": self.raw_id[:64],
+                          "result": self.result.upper(), "status": self.status,
+                          "bytes": self.sent, "duration": round(time.monotonic() - started, 3)}
+                log.info("image request %s image=%s result=%s status=%s bytes=%d "
+                         "duration=%.3fs", *fields.values(), extra=fields)
 
     async def _serve(self) -> web.StreamResponse:
         services = self.services

@@ -40,6 +40,12 @@ def setup_logging(level: str, fmt: str) -> None:
     else:
         formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler.setFormatter(formatter)
+    # No format shows a record's caller, thread or process: the Logging HOWTO's
+    # "Optimization" switches spare every record finding them (sys._getframe and more).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

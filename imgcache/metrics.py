@@ -119,9 +119,12 @@ class Metrics:
         self.tier_purges = Counter(
             "imgcache_tier_purges", "PURGE requests for corrupt objects in the tier, by "
             "outcome (purged, failed).", ["outcome"], registry=r)
-        for result in RESULTS:
-            self.requests.labels(result)
-            self.served_bytes.labels(result)
+        # Children resolved once: labels() takes a lock and builds a key on every call,
+        # and these are counted on every request.
+        self._by_result = {result: (self.requests.labels(result),
+                                    self.served_bytes.labels(result)) for result in RESULTS}
+        self._auth_answers = {outcome: self.auth_checks.labels(outcome)
+                              for outcome in ("allowed", "allowed_cached", "denied")}
         for outcome in FILL_OUTCOMES:
             self.fills.labels(outcome)
         for outcome in ("cached", "failed", "withdrawn"):
@@ -130,13 +133,22 @@ class Metrics:
             self.fill_resumes.labels(how)
         for method in VERIFY_METHODS:
             self.verifications.labels(method)
-        for outcome in ("allowed", "allowed_cached", "denied"):
-            self.auth_checks.labels(outcome)
         for kind in ("connect", "timeout", "tls", "broken"):
             self.upstream_errors.labels(kind)
         self.source_bytes.labels("glance")
         for outcome in ("purged", "failed"):
             self.tier_purges.labels(outcome)
+
+    def count_request(self, result: str, sent: int) -> None:
+        """One image-data GET answered with ``result`` (one of RESULTS), ``sent`` image
+        bytes sent."""
+        requests, served = self._by_result[result]
+        requests.inc()
+        served.inc(sent)
+
+    def count_auth_answer(self, outcome: str) -> None:
+        """One authorization answer: allowed, allowed_cached or denied."""
+        self._auth_answers[outcome].inc()
 
     def add_tier_node(self, url: str) -> None:
         """Export the per-node series of a configured tier node from the start (at 0)."""

@@ -41,20 +41,20 @@ class OpenFiles:
         self._open: OrderedDict[str, OpenFile] = OrderedDict()  # least recently used first
         self._closing: set[asyncio.Future[None]] = set()
 
-    async def acquire(self, path: Path, size: int) -> OpenFile:
-        """An open file for one reader, who must ``release`` it. Raises OSError when the
-        file cannot be opened or its size is not ``size``."""
-        handle = self._open.get(path.name)
+    async def acquire(self, directory: Path, name: str, size: int) -> OpenFile:
+        """An open file ``name`` of ``directory`` for one reader, who must ``release`` it.
+        Raises OSError when the file cannot be opened or its size is not ``size``."""
+        handle = self._open.get(name)
         if handle is None:
             loop = asyncio.get_running_loop()
-            fd = await loop.run_in_executor(self._files, open_sized, path, size)
-            handle = self._open.get(path.name)  # another reader may have opened it meanwhile
+            fd = await loop.run_in_executor(self._files, open_sized, directory / name, size)
+            handle = self._open.get(name)  # another reader may have opened it meanwhile
             if handle is None:
-                handle = OpenFile(path.name, fd, size)
-                self._open[path.name] = handle
+                handle = OpenFile(name, fd, size)
+                self._open[name] = handle
             else:
                 self._close_later(fd)
-        self._open.move_to_end(path.name)
+        self._open.move_to_end(name)
         handle.readers += 1
         self._trim()
         return handle

@@ -23,13 +23,12 @@ import select
 import socket
 import struct
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from aiohttp import web
 
 from imgcache.fill import Fill, FillFailed
-from imgcache.threads import run_to_completion
+from imgcache.loopthreads import LoopThreads
 
 #: Most bytes one call on a sending thread sends before it hands the thread back: about
 #: 3 ms at page-cache speed, so a thread is free again within milliseconds however big the
@@ -63,7 +62,7 @@ def reset_connection(request: web.Request) -> None:
 class ZeroCopySender:
     """Sends file ranges to aiohttp connections with sendfile(2) on its own threads."""
 
-    def __init__(self, threads: ThreadPoolExecutor) -> None:
+    def __init__(self, threads: LoopThreads) -> None:
         self._threads = threads
 
     async def send_file(self, request: web.Request, fd: int, start: int, end: int,
@@ -108,8 +107,8 @@ class ZeroCopySender:
 
     async def run_on_thread(self, func: Callable[..., T], *args: object) -> T:
         """Run one sending step on a sending thread, to completion (see
-        ``threads.run_to_completion``)."""
-        return await run_to_completion(self._threads, func, *args)
+        ``LoopThreads.run``)."""
+        return await self._threads.run(func, *args)
 
 
 class _ClientSocket:

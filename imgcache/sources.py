@@ -72,7 +72,7 @@ async def _open_cached(store: Store, open_files: OpenFiles, entry: Entry) -> Ope
     """The entry's file, open for one reader (to give back to ``open_files``), the hit
     counted; None if the file is gone or has not the entry's size (the entry is dropped)."""
     try:
-        handle = await open_files.acquire(store.path_of(entry), entry.size)
+        handle = await open_files.acquire(store.data_dir, entry.file_name, entry.size)
     except OSError as exc:
         store.drop_unusable(entry, str(exc))
         return None

@@ -45,6 +45,7 @@ class Store:
     def __init__(self, cache_dir: Path, max_bytes: int, metrics: Metrics,
                  files: ThreadPoolExecutor) -> None:
         self.cache_dir = cache_dir
+        self._data_dir = cache_dir / "data"
         self.max_bytes = max_bytes
         self._metrics = metrics
         self._files = files
@@ -65,7 +66,7 @@ class Store:
     @property
     def data_dir(self) -> Path:
         """Directory of committed image files."""
-        return self.cache_dir / "data"
+        return self._data_dir
 
     @property
     def partial_dir(self) -> Path:

@@ -8,13 +8,13 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
 
+from imgcache.loopthreads import LoopThreads
 from imgcache.responses import MAX_BYTES_PER_CALL, ZeroCopySender
 
 MiB = 1 << 20
@@ -34,17 +34,17 @@ def files(tmp_path: Path) -> Iterator[dict[str, tuple[int, int]]]:
 
 
 @pytest.fixture
-def one_thread() -> Iterator[ThreadPoolExecutor]:
-    """A pool of one thread, started here (a thread start blocks the loop)."""
-    threads = ThreadPoolExecutor(1)
-    threads.submit(lambda: None).result()
+def one_thread() -> Iterator[LoopThreads]:
+    """A group of one thread, started here (a thread start blocks the loop)."""
+    threads = LoopThreads(1, "test-send")
+    threads.start()
     yield threads
     threads.shutdown()
 
 
 @pytest.fixture
 async def one_thread_server(
-    files: dict[str, tuple[int, int]], one_thread: ThreadPoolExecutor
+    files: dict[str, tuple[int, int]], one_thread: LoopThreads
 ) -> AsyncIterator[tuple[str, list[str]]]:
     """An aiohttp server sending the files with a ZeroCopySender on ONE thread; yields its
     URL and the order in which sends finished."""
@@ -94,7 +94,7 @@ async def test_a_small_hit_is_not_queued_behind_a_big_one(
 
 
 async def test_a_cancelled_send_waits_for_its_thread_before_returning(
-    one_thread: ThreadPoolExecutor
+    one_thread: LoopThreads
 ) -> None:
     """ZeroCopySender's thread calls are shielded: a cancelled caller (whose fds are closed
     right after) only goes on once the thread is done with them."""

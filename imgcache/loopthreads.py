@@ -1,0 +1,99 @@
+"""Worker threads whose calls the event loop awaits with one hand-off each way.
+
+``loop.run_in_executor`` wraps every call in a concurrent.futures.Future (a Condition and
+its lock), chains an asyncio future to it and, in ``threads.run_to_completion``, shields
+that: about twice the loop's CPU of a call that hands its result straight to an asyncio
+future (``bench/scaling/handoff.py``). The senders make one or more such calls per hit,
+so they use this group: a fixed set of threads, all started before serving, taking calls
+from one queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class _Call(Generic[T]):
+    """One call's outcome, settled on the loop by ``settle``."""
+
+    __slots__ = ("finished", "result", "settled")
+
+    def __init__(self, result: asyncio.Future[T]) -> None:
+        self.result = result
+        self.settled = False
+        self.finished: asyncio.Future[None] | None = None  # made when a caller waits on
+
+    def settle(self, value: T, error: BaseException | None) -> None:
+        """Runs on the loop once the thread returned: hand over what it returned (unless
+        the caller was cancelled) and wake a cancelled caller waiting for the thread."""
+        self.settled = True
+        if not self.result.done():
+            if error is None:
+                self.result.set_result(value)
+            else:
+                self.result.set_exception(error)
+        if self.finished is not None and not self.finished.done():
+            self.finished.set_result(None)
+
+
+_Work = tuple[asyncio.AbstractEventLoop, _Call[Any], Callable[..., Any], tuple[Any, ...]]
+
+
+class LoopThreads:
+    """``count`` threads named ``name``_N that run calls awaited by ``run``; ``initializer``
+    runs first on each. ``start`` (off the loop) starts them all; ``shutdown`` ends them
+    once the calls queued before it are done."""
+
+    def __init__(self, count: int, name: str,
+                 initializer: Callable[[], None] | None = None) -> None:
+        self._work: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._serve, args=(initializer,),
+                                          name=f"{name}_{n}", daemon=True)
+                         for n in range(count)]
+
+    def start(self) -> None:
+        """Start every thread; blocks until each runs (call it off the event loop)."""
+        for thread in self._threads:
+            thread.start()
+
+    async def run(self, func: Callable[..., T], *args: object) -> T:
+        """Run ``func(*args)`` on one of the threads. If the caller is cancelled meanwhile
+        (a shutdown), it still waits for the thread to finish before the cancellation goes
+        on: the thread may be using fds the caller closes as soon as it returns."""
+        loop = asyncio.get_running_loop()
+        call: _Call[T] = _Call(loop.create_future())
+        self._work.put((loop, call, func, args))
+        try:
+            return await call.result
+        except asyncio.CancelledError:
+            if not call.settled:
+                call.finished = loop.create_future()
+                with contextlib.suppress(BaseException):
+                    await call.finished
+            raise
+
+    def shutdown(self) -> None:
+        """End the threads after the calls already queued (does not wait for them)."""
+        for _ in self._threads:
+            self._work.put(None)
+
+    def _serve(self, initializer: Callable[[], None] | None) -> None:
+        if initializer is not None:
+            initializer()
+        while (work := self._work.get()) is not None:
+            loop, call, func, args = work
+            value, error = None, None
+            try:
+                value = func(*args)
+            except BaseException as exc:  # handed to the caller, as an executor does
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits
+                loop.call_soon_threadsafe(call.settle, value, error)
+            del work, call, value, error  # no reference kept while waiting for the next

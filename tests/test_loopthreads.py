@@ -1,0 +1,96 @@
+"""imgcache.loopthreads.LoopThreads with real threads on uvloop: results and errors reach
+the awaiting caller, a cancelled caller waits for its thread, calls run on the group's own
+threads (initializer first) and shutdown ends them after the calls queued before it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from imgcache.loopthreads import LoopThreads
+
+
+@pytest.fixture
+async def group() -> AsyncIterator[LoopThreads]:
+    threads = LoopThreads(2, "test-lane")
+    await asyncio.to_thread(threads.start)
+    yield threads
+    threads.shutdown()
+
+
+async def test_a_result_and_an_error_reach_the_caller(group: LoopThreads) -> None:
+    assert await group.run(pow, 2, 10) == 1024
+    with pytest.raises(ZeroDivisionError):
+        await group.run(divmod, 1, 0)
+
+
+async def test_calls_run_on_the_groups_threads_after_the_initializer() -> None:
+    initialized: list[str] = []
+    threads = LoopThreads(3, "test-init",
+                          initializer=lambda: initialized.append(threading.current_thread().name))
+    await asyncio.to_thread(threads.start)
+    try:
+        ran_on = {await threads.run(lambda: threading.current_thread().name)
+                  for _ in range(20)}
+    finally:
+        threads.shutdown()
+    assert sorted(initialized) == ["test-init_0", "test-init_1", "test-init_2"]
+    assert ran_on <= set(initialized) and threading.current_thread().name not in ran_on
+
+
+async def test_a_cancelled_caller_goes_on_only_once_the_thread_is_done(
+    group: LoopThreads
+) -> None:
+    entered = threading.Event()
+    events: list[str] = []
+
+    def slow() -> None:
+        entered.set()
+        time.sleep(0.3)
+        events.append("thread done")
+
+    task = asyncio.ensure_future(group.run(slow))
+    await asyncio.to_thread(entered.wait)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    events.append("caller went on")
+    assert events == ["thread done", "caller went on"]
+    assert await group.run(lambda: "still serving") == "still serving"
+
+
+async def test_shutdown_ends_the_threads_after_the_calls_queued_before_it() -> None:
+    threads = LoopThreads(1, "test-stop")
+    await asyncio.to_thread(threads.start)
+    release = threading.Event()
+    first = asyncio.ensure_future(threads.run(release.wait))
+    second = asyncio.ensure_future(threads.run(lambda: "queued before"))
+    await asyncio.sleep(0)  # both queued
+    threads.shutdown()
+    release.set()
+    assert await first is True
+    assert await second == "queued before"
+    alive = [t for t in threading.enumerate() if t.name == "test-stop_0"]
+    await asyncio.to_thread(lambda: [t.join(5) for t in alive])
+    assert not any(t.is_alive() for t in alive)
+
+
+@pytest.mark.timeout(30)  # a dead thread leaves the next call waiting for it forever
+def test_a_call_whose_loop_closed_does_not_end_its_thread() -> None:
+    threads = LoopThreads(1, "test-closed")
+    threads.start()
+    release = threading.Event()
+    try:
+        loop = asyncio.new_event_loop()
+        pending = loop.create_task(threads.run(release.wait))
+        loop.run_until_complete(asyncio.sleep(0.05))  # queued; its thread now waits
+        pending.cancel()
+        loop.close()  # the call's result will have no loop to go to
+        release.set()
+        assert asyncio.run(asyncio.wait_for(threads.run(lambda: "next loop"), 5)) == "next loop"
+    finally:
+        threads.shutdown()
