@@ -47,14 +47,9 @@ class PiecePool:
         self._closed = False
         self._wanted = 0  # free buffers the receiver waits for (0: it waits for none)
 
-    def take(self) -> Buffer | None:
-        """A buffer to receive into, held by the caller (``drop`` it when moving on), or None
-        when every buffer is in use."""
-        with self._lock:
-            return self._take()
-
     def take_or_want(self, count: int) -> Buffer | None:
-        """``take``; when no buffer is free, ``on_free`` runs once ``count`` of them are
+        """A buffer to receive into, held by the caller (``drop`` it when moving on), or None
+        when every buffer is in use: ``on_free`` runs then once ``count`` of them are
         (waking the receiver for several buffers, not each one, spares the loop a thread
         round trip and a pause and resume of its reading per buffer while the threads
         behind are the bound). A later call replaces the count."""
