@@ -36,6 +36,10 @@ from imgcache.pieces import Buffer, Piece, PiecePool
 #: Size of each receive buffer, and how many one download may hold (its memory bound).
 BUFFER_BYTES = 1 << 20
 POOL_BUFFERS = 16
+#: Reading paused for want of a free buffer resumes once this share of the pool is free
+#: again. A reader may hold the pieces of the rest while it waits for the next one; one
+#: holding more only gets it after a read_timeout (the watchdog then wants one buffer).
+RESUME_SHARE = 0.5
 #: A buffer with less room than this left is done with: the next read goes to a new one.
 MIN_READ_BYTES = 64 << 10
 #: A piece is handed on once this many bytes arrived, or FLUSH_SECONDS after its first one.
@@ -173,9 +177,10 @@ class DataResponse:
         self.content_length = connection.content_length
 
     async def next_piece(self) -> Piece | None:
-        """The next piece of the body (its holder releases it), or None at its end. Raises
-        TimeoutError after read_timeout of silence, Disconnected or BadAnswer when the body
-        breaks off or cannot be parsed."""
+        """The next piece of the body (its holder releases it), or None at its end; a caller
+        holding more than (1 - RESUME_SHARE) of the pool's buffers meanwhile waits up to a
+        read_timeout for it. Raises TimeoutError after read_timeout of silence, Disconnected
+        or BadAnswer when the body breaks off or cannot be parsed."""
         return await self._connection.next_piece()
 
     async def more(self) -> bool:
@@ -462,8 +467,8 @@ class _Connection(asyncio.BufferedProtocol):
             self._parser = None
             if self._remaining == 0:
                 self._end_body()
-            elif not self._take_buffer():
-                self._pause()
+            else:
+                self._next_buffer()
         elif self._head_bytes > MAX_HEAD_BYTES and not self._head_done:
             self._fail(BadAnswer(f"the answer's head is longer than {MAX_HEAD_BYTES} bytes"))
         if self._ready or self._ended or self._head_done:
@@ -484,8 +489,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._hand_on()
             self._pool.drop(self._buffer)  # type: ignore[arg-type]
             self._buffer = None
-            if not self._take_buffer():
-                self._pause()
+            self._next_buffer()
         elif pending >= EMIT_BYTES:
             self._hand_on()
         elif self._flusher is None:
@@ -526,22 +530,26 @@ class _Connection(asyncio.BufferedProtocol):
             self._watchdog = None
         self._wake()
 
-    def _take_buffer(self) -> bool:
-        buffer = self._pool.take()
+    def _next_buffer(self, want: int | None = None) -> bool:
+        """Receive into a free buffer from now on; when none is, stop reading until ``want``
+        buffers are free (by default RESUME_SHARE of the pool: the threads behind are the
+        bound). Returns whether reading goes on."""
+        if want is None:
+            want = max(1, int(POOL_BUFFERS * RESUME_SHARE))
+        buffer = self._pool.take_or_want(want)
         if buffer is None:
+            if not self._paused:
+                self._paused = True
+                if self._transport is not None:
+                    self._transport.pause_reading()
             return False
         self._buffer, self._filled, self._handed = buffer, 0, 0
+        if self._paused:
+            self._paused = False
+            self._last_read = self._loop.time()  # waiting on our own threads is not silence
+            if self._transport is not None:
+                self._transport.resume_reading()
         return True
-
-    def _pause(self) -> None:
-        """Every buffer is held by the threads behind: stop reading until one comes back."""
-        self._pool.wanted = True
-        if self._take_buffer():  # one came back meanwhile
-            self._pool.wanted = False
-            return
-        self._paused = True
-        if self._transport is not None:
-            self._transport.pause_reading()
 
     def _taken_parsed(self, count: int) -> None:
         """The reader took ``count`` bytes of a chunked body: read on below half the bound."""
@@ -556,16 +564,9 @@ class _Connection(asyncio.BufferedProtocol):
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to resume
             self._loop.call_soon_threadsafe(self._resume)
 
-    def _resume(self) -> None:
-        if not self._paused or self._closed:
-            return
-        if not self._take_buffer():
-            self._pause()
-            return
-        self._paused = False
-        self._last_read = self._loop.time()  # waiting on our own threads is not silence
-        if self._transport is not None:
-            self._transport.resume_reading()
+    def _resume(self, want: int | None = None) -> None:
+        if self._paused and not self._closed and self._buffer is None:
+            self._next_buffer(want)
 
     # -- failure -------------------------------------------------------------------------------
 
@@ -591,6 +592,8 @@ class _Connection(asyncio.BufferedProtocol):
         now = self._loop.time()
         if self._paused:
             self._last_read = now
+            if self._raw and self._waiter is not None:
+                self._resume(1)  # the reader waits, maybe holding what the pause waits for
         elif now - self._last_read >= self._read_timeout:
             self._fail(TimeoutError(f"no byte from Glance for {self._read_timeout:g} s"))
             return

@@ -31,9 +31,10 @@ class Buffer:
 
 class PiecePool:
     """At most ``max_buffers`` buffers of ``buffer_size`` bytes, made as they are first
-    needed. ``on_free`` runs on whichever thread gave the last reference of a buffer back
-    while ``wanted`` was set (the receiver waits for one): it must only schedule work on the
-    event loop (``loop.call_soon_threadsafe``)."""
+    needed. A receiver that found none free (``take_or_want``) is called back through
+    ``on_free`` once as many as it asked for are free again, on whichever thread gave the
+    last of them back: ``on_free`` must only schedule work on the event loop
+    (``loop.call_soon_threadsafe``)."""
 
     def __init__(self, buffer_size: int, max_buffers: int,
                  on_free: Callable[[], None]) -> None:
@@ -44,23 +45,32 @@ class PiecePool:
         self._free: list[Buffer] = []
         self._lock = threading.Lock()
         self._closed = False
-        self.wanted = False  # set by the receiver when it found no buffer free
+        self._wanted = 0  # free buffers the receiver waits for (0: it waits for none)
 
-    def take(self) -> Buffer | None:
+    def take_or_want(self, count: int) -> Buffer | None:
         """A buffer to receive into, held by the caller (``drop`` it when moving on), or None
-        when every buffer is in use (the caller sets ``wanted`` and waits for ``on_free``)."""
+        when every buffer is in use: ``on_free`` runs then once ``count`` of them are
+        (waking the receiver for several buffers, not each one, spares the loop a thread
+        round trip and a pause and resume of its reading per buffer while the threads
+        behind are the bound). A later call replaces the count."""
         with self._lock:
-            if self._free:
-                buffer = self._free.pop()
-            elif self._made < self._max:
-                self._made += 1
-                buffer = None
-            else:
-                return None
-            if buffer is None:
-                buffer = Buffer(self.buffer_size)
-            buffer.refs = 1
+            buffer = self._take()
+            self._wanted = 0 if buffer is not None or self._closed else min(count, self._max)
             return buffer
+
+    def _take(self) -> Buffer | None:
+        if self._free:
+            buffer = self._free.pop()
+        elif self._made < self._max:
+            self._made += 1
+            buffer = Buffer(self.buffer_size)
+        else:
+            return None
+        buffer.refs = 1
+        return buffer
+
+    def _free_count(self) -> int:
+        return len(self._free) + self._max - self._made
 
     def piece(self, buffer: Buffer, start: int, stop: int) -> Piece:
         """A new piece of ``buffer``, bytes ``start``..``stop``, with one reference."""
@@ -80,8 +90,9 @@ class PiecePool:
             if buffer.refs or self._closed:
                 return
             self._free.append(buffer)
-            wake = self.wanted
-            self.wanted = False
+            wake = 0 < self._wanted <= self._free_count()
+            if wake:
+                self._wanted = 0
         if wake:
             self._on_free()
 
@@ -91,7 +102,7 @@ class PiecePool:
         with self._lock:
             self._closed = True
             self._free.clear()
-            self.wanted = False
+            self._wanted = 0
         self._on_free = _nothing
 
 

@@ -29,6 +29,9 @@ from imgcache.pieces import Piece
 
 #: Bytes received but not yet consumed by every consumer; bounds a download's memory.
 MAX_BUFFERED = 16 << 20
+#: A ``feed`` waiting on MAX_BUFFERED is woken once the backlog fell to this, not at each
+#: piece consumed: one thread round trip of the loop per few MiB while the threads bound.
+RESUME_BUFFERED = MAX_BUFFERED // 2
 #: Most chunks the writer puts in one writev(2) (IOV_MAX is 1024).
 _MAX_WRITE_BATCH = 64
 
@@ -178,7 +181,10 @@ class _Pipeline:
         raise error
 
     def _wake_feeder(self) -> None:
-        """Runs on the threads after progress: let a waiting ``feed`` look again."""
+        """Runs on the threads after progress: let a waiting ``feed`` look again once the
+        backlog is down to RESUME_BUFFERED or a consumer failed."""
+        if self._wake is None or (self._backlog() > RESUME_BUFFERED and not self._failed()):
+            return
         wake, self._wake = self._wake, None
         if wake is not None:
             call_on_loop(self._loop, _resolve, wake)
