@@ -1,12 +1,11 @@
-"""The zero-copy sender never lets a big send hold a thread for its whole transfer, and a
-request cancelled mid-send (a shutdown) waits for its thread before its fds are closed."""
+"""The zero-copy sender never lets a big send hold a thread for its whole transfer. (That a
+request cancelled mid-send waits for its thread is LoopThreads' promise:
+tests/test_loopthreads.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -91,26 +90,3 @@ async def test_a_small_hit_is_not_queued_behind_a_big_one(
     # With its thread held for the whole 96 MiB, the small send would finish last.
     assert finished == ["small", "big"]
     assert 96 * MiB > 4 * MAX_BYTES_PER_CALL
-
-
-async def test_a_cancelled_send_waits_for_its_thread_before_returning(
-    one_thread: LoopThreads
-) -> None:
-    """ZeroCopySender's thread calls are shielded: a cancelled caller (whose fds are closed
-    right after) only goes on once the thread is done with them."""
-    sender = ZeroCopySender(one_thread)
-    in_thread = threading.Event()
-    events: list[str] = []
-
-    def slow_step() -> None:
-        in_thread.set()
-        time.sleep(0.3)
-        events.append("thread done")
-
-    task = asyncio.ensure_future(sender.run_on_thread(slow_step))
-    await asyncio.to_thread(in_thread.wait)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    events.append("caller went on")
-    assert events == ["thread done", "caller went on"]
