@@ -57,9 +57,21 @@ class _Consumer:
             return self.consume()
         except BaseException as exc:  # reported to the loop through ``error``
             self.error = exc
+            self._release_queued()
             return None
         finally:
             self._wake_feeder()
+
+    def _release_queued(self) -> None:
+        """After a failure: give back the pieces still queued. Held, they would keep their
+        receive buffers from the download, which may be paused until those come free and
+        would never read on to the ``feed`` that raises this failure. (A piece queued after
+        this is followed by that raise in the same ``feed``.)"""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                chunk = self.chunks.get_nowait()
+                if chunk is not None:
+                    chunk.release()
 
     def consume(self) -> Any:
         """Runs on the thread: take pieces until the end mark (releasing each); return the
