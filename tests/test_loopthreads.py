@@ -94,3 +94,43 @@ def test_a_call_whose_loop_closed_does_not_end_its_thread() -> None:
         assert asyncio.run(asyncio.wait_for(threads.run(lambda: "next loop"), 5)) == "next loop"
     finally:
         threads.shutdown()
+
+
+@pytest.mark.timeout(30)
+async def test_a_caller_cancelled_twice_still_waits_for_its_thread(group: LoopThreads) -> None:
+    # A second cancel (a timeout around a shutdown's cancel, say) must not let the caller go
+    # on and close the fds its thread still uses.
+    entered = threading.Event()
+    events: list[str] = []
+
+    def slow() -> None:
+        entered.set()
+        time.sleep(0.3)
+        events.append("thread done")
+
+    task = asyncio.ensure_future(group.run(slow))
+    await asyncio.to_thread(entered.wait)
+    task.cancel()
+    await asyncio.sleep(0.05)  # the caller now waits for the thread
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    events.append("caller went on")
+    assert events == ["thread done", "caller went on"]
+
+
+def test_a_call_after_shutdown_is_refused_not_left_waiting() -> None:
+    # On a loop of its own: a call left waiting could not be cancelled (its cancelled caller
+    # waits for a thread that will never take it), so the test's loop could not end.
+    threads = LoopThreads(1, "test-after")
+    threads.start()
+    threads.shutdown()
+    loop = asyncio.new_event_loop()
+    try:
+        call = loop.create_task(threads.run(pow, 2, 10))
+        loop.run_until_complete(asyncio.wait([call], timeout=2.0))
+        assert call.done(), "a call made after shutdown waits forever"
+        with pytest.raises(RuntimeError):
+            call.result()
+    finally:
+        loop.close()
