@@ -49,11 +49,12 @@ _Work = tuple[asyncio.AbstractEventLoop, _Call[Any], Callable[..., Any], tuple[A
 class LoopThreads:
     """``count`` threads named ``name``_N that run calls awaited by ``run``; ``initializer``
     runs first on each. ``start`` (off the loop) starts them all; ``shutdown`` ends them
-    once the calls queued before it are done."""
+    once the calls queued before it are done, and refuses calls after it."""
 
     def __init__(self, count: int, name: str,
                  initializer: Callable[[], None] | None = None) -> None:
         self._work: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        self._shut = False
         self._threads = [threading.Thread(target=self._serve, args=(initializer,),
                                           name=f"{name}_{n}", daemon=True)
                          for n in range(count)]
@@ -66,7 +67,10 @@ class LoopThreads:
     async def run(self, func: Callable[..., T], *args: object) -> T:
         """Run ``func(*args)`` on one of the threads. If the caller is cancelled meanwhile
         (a shutdown), it still waits for the thread to finish before the cancellation goes
-        on: the thread may be using fds the caller closes as soon as it returns."""
+        on: the thread may be using fds the caller closes as soon as it returns, and so do
+        further cancellations meanwhile. Raises RuntimeError after ``shutdown``."""
+        if self._shut:
+            raise RuntimeError("cannot run a call after shutdown")
         loop = asyncio.get_running_loop()
         call: _Call[T] = _Call(loop.create_future())
         self._work.put((loop, call, func, args))
@@ -74,13 +78,16 @@ class LoopThreads:
             return await call.result
         except asyncio.CancelledError:
             if not call.settled:
-                call.finished = loop.create_future()
-                with contextlib.suppress(BaseException):
-                    await call.finished
+                finished = call.finished = loop.create_future()
+                while not finished.done():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.shield(finished)
             raise
 
     def shutdown(self) -> None:
-        """End the threads after the calls already queued (does not wait for them)."""
+        """End the threads after the calls already queued (does not wait for them); later
+        calls are refused."""
+        self._shut = True
         for _ in self._threads:
             self._work.put(None)
 
