@@ -70,11 +70,12 @@ async def test_shutdown_ends_the_threads_after_the_calls_queued_before_it() -> N
     first = asyncio.ensure_future(threads.run(release.wait))
     second = asyncio.ensure_future(threads.run(lambda: "queued before"))
     await asyncio.sleep(0)  # both queued
+    alive = [t for t in threading.enumerate() if t.name == "test-stop_0"]
+    assert len(alive) == 1  # else the check below would pass on no thread at all
     threads.shutdown()
     release.set()
     assert await first is True
     assert await second == "queued before"
-    alive = [t for t in threading.enumerate() if t.name == "test-stop_0"]
     await asyncio.to_thread(lambda: [t.join(5) for t in alive])
     assert not any(t.is_alive() for t in alive)
 
