@@ -27,7 +27,7 @@ from imgcache.openfiles import OpenFiles
 from imgcache.passthrough import forward, pass_through, relay
 from imgcache.prefetch import Prefetcher
 from imgcache.ranges import ByteRange, requested_range
-from imgcache.responses import ZeroCopySender, reset_connection
+from imgcache.responses import ClientGone, ZeroCopySender, reset_connection
 from imgcache.sources import CachedFile, GrowingFile, open_source
 from imgcache.store import Store
 from imgcache.threads import run_to_completion
@@ -207,7 +207,7 @@ class ImageDataRequest:
             linked = await self.services.sender.send_file(
                 self.request, source.handle.fd, start, end, info.expected.size,
                 self._count_sent)
-        except ConnectionResetError:
+        except ClientGone:
             return self._client_gone(response)
         except OSError as exc:
             self._drop_unusable(source, str(exc))
@@ -235,7 +235,7 @@ class ImageDataRequest:
             if failed.outcome == "disk_error" and byte_range is None:
                 return await self._finish_from_glance(response, info, source.fd)
             return self._reset(response, f"the fill failed ({failed})")
-        except ConnectionResetError:
+        except ClientGone:
             return self._client_gone(response)
         await response.write_eof()
         return response
@@ -272,7 +272,7 @@ class ImageDataRequest:
             if not response.prepared:
                 return self._answer_before_any_byte(exc)
             return self._reset(response, f"streaming it from Glance failed ({exc})")
-        except ConnectionResetError:
+        except ClientGone:
             return self._client_gone(response)
         if not response.prepared:
             await response.prepare(self.request)
@@ -309,7 +309,7 @@ class ImageDataRequest:
                 hasher=hasher)
         except (FillError, UpstreamError) as exc:
             return self._reset(response, f"Glance failed too ({exc})")
-        except ConnectionResetError:
+        except ClientGone:
             return self._client_gone(response)
         await response.write_eof()
         return response

@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from imgcache.metrics import Metrics
-from imgcache.responses import reset_connection
+from imgcache.responses import ClientGone, reset_connection
 from imgcache.upstream import Upstream, end_to_end_headers
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ async def relay(upstream: Upstream, metrics: Metrics, request: web.Request,
                 await response.write(chunk)
                 if on_sent is not None:
                     on_sent(len(chunk))
-        except ConnectionResetError:  # the client went away: routine, nothing to report
+        except ClientGone:  # the client went away: routine, nothing to report
             log.debug("%s %s: the client went away mid-body", request.method, request.path)
             reset_connection(request)
             return response

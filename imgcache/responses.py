@@ -44,6 +44,11 @@ WRITABLE_WAIT_SECONDS = 0.01
 
 T = TypeVar("T")
 
+#: What sending to a client that went away raises: ConnectionResetError from the senders
+#: here, and a plain ConnectionError ("Connection lost") from aiohttp when the client reset
+#: while a write waited for its socket.
+ClientGone = ConnectionError
+
 
 def reset_connection(request: web.Request) -> None:
     """End the client's connection with a TCP reset (SO_LINGER 0, then close), never a

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
+import socket
+import struct
+import time
 
 import pytest
 from inloop import TOKEN, Imgcache, ImgcacheFactory
@@ -88,3 +92,44 @@ async def test_a_cached_file_found_short_resets_the_client(
     got = await raw_get(imgcache.url, _path(image.id), AUTH)
     assert (got.status, got.ending) == (200, RESET)
     assert len(got.body) < image.size
+
+
+def _leave_while_the_server_waits_to_write(url: str, path: str) -> None:
+    """Read a little of the response, stop reading until the server's buffers are full and
+    it waits for the socket, then leave with a reset (SO_LINGER 0)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.settimeout(30)
+    sock.connect((host, int(port)))
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}",
+             *(f"{k}: {v}" for k, v in AUTH.items()), "", ""]
+    sock.sendall("\r\n".join(lines).encode())
+    received = 0
+    while received < 256 * 1024:
+        received += len(sock.recv(64 * 1024))
+    time.sleep(1.0)  # the server fills its buffers and waits to write more
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+async def test_a_client_leaving_while_a_stream_through_waits_to_write_is_routine(
+    glance: GlanceStandin, imgcache_factory: ImgcacheFactory,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp ends a write waiting for a socket whose peer reset with ConnectionError, not
+    ConnectionResetError: the handler takes it as the client gone (499), and nothing
+    escapes to aiohttp, which would log the handler as failed."""
+    caplog.set_level(logging.INFO)
+    imgcache = await imgcache_factory(max_size="1M")  # too big: BYPASS, streamed through
+    image = await glance.add_image(size=64 * MiB)
+    await asyncio.to_thread(_leave_while_the_server_waits_to_write, imgcache.url,
+                            _path(image.id))
+    for _ in range(100):
+        answered = [r for r in caplog.records if r.name == "imgcache.access"
+                    and getattr(r, "image_id", None) == image.id]
+        if answered:
+            break
+        await asyncio.sleep(0.05)
+    assert [(r.result, r.status) for r in answered] == [("BYPASS", 499)]
+    assert not [r for r in caplog.records if "Error handling request" in r.getMessage()]
