@@ -8,27 +8,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
 from imgcache.config import Settings
-from imgcache.datafetch import (
-    BadAnswer,
-    ConnectFailed,
-    ConnectTimedOut,
-    DataClient,
-    DataResponse,
-    Disconnected,
-    TunnelRefused,
-)
+from imgcache.datafetch import DataClient, DataResponse
 from imgcache.errors import ConfigError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from imgcache.metrics import Metrics
+from imgcache.upstream_failures import Failure, from_aiohttp, from_datafetch
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+#: Translates an exception of one request to one upstream URL (see ``upstream_failures``).
+Translate = Callable[[Exception, str, "str | None"], "Failure | None"]
 
 #: Headers that describe one connection, not the message (RFC 9110 section 7.6.1); never
 #: forwarded in either direction. Host is set by the client for the upstream it talks to.
@@ -171,53 +168,18 @@ class Upstream:
         yet); other failures raise an UpstreamError subclass. ``rotate`` starts the round
         at another URL (a retry goes to the next upstream first). ``image_data`` marks an
         image-data GET: it goes through the configured proxy, if any."""
-        assert self._session is not None, "Upstream.start() was not called"
-        failure: UpstreamError = UpstreamUnavailable("no upstream configured")
-        start = rotate % len(self.urls) if self.urls else 0
+        session = self._session
+        assert session is not None, "Upstream.start() was not called"
         proxy = self.proxy if image_data else None
-        for base in self.urls[start:] + self.urls[:start]:
-            url = URL(base + path_qs, encoded=True)
-            try:
-                return await self._session.request(
-                    method, url, headers=upstream_headers(headers, with_body=data is not None),
-                    data=data,
-                    allow_redirects=False, compress=None, chunked=None, proxy=proxy,
-                )
-            except aiohttp.ClientProxyConnectionError as exc:
-                self._metrics.upstream_errors.labels("connect").inc()
-                failure = UpstreamUnavailable(
-                    f"cannot connect to the image-data proxy {proxy}: {exc.os_error}")
-            except aiohttp.ClientConnectorCertificateError as exc:
-                self._metrics.upstream_errors.labels("tls").inc()
-                reason = getattr(exc.certificate_error, "verify_message", None)
-                failure = UpstreamError(
-                    f"TLS certificate verification of Glance at {base} failed: "
-                    f"{reason or exc.certificate_error} (see [upstream] ca_file)")
-            except aiohttp.ClientSSLError as exc:
-                self._metrics.upstream_errors.labels("tls").inc()
-                failure = UpstreamError(f"TLS handshake with Glance at {base} failed: {exc}")
-            except aiohttp.ConnectionTimeoutError:
-                self._metrics.upstream_errors.labels("timeout").inc()
-                failure = UpstreamTimeout(f"connecting to Glance at {base} timed out")
-            except aiohttp.ClientConnectorError as exc:
-                self._metrics.upstream_errors.labels("connect").inc()
-                # 503, not 502: Nova retries a 503 ([glance] num_retries).
-                failure = UpstreamUnavailable(
-                    f"cannot connect to Glance at {base}: {exc.os_error}")
-            except TimeoutError as exc:
-                self._metrics.upstream_errors.labels("timeout").inc()
-                raise UpstreamTimeout(f"Glance at {base} did not answer in time") from exc
-            except aiohttp.ServerDisconnectedError as exc:
-                self._metrics.upstream_errors.labels("broken").inc()
-                hint = ("; over TLS 1.3 this is also how Glance refuses a missing or "
-                        "untrusted client certificate ([upstream] cert_file)"
-                        if url.scheme == "https" else "")
-                raise UpstreamError(f"request to Glance at {base} failed: {exc}{hint}") from exc
-            except aiohttp.ClientError as exc:
-                self._metrics.upstream_errors.labels("broken").inc()
-                raise UpstreamError(f"request to Glance at {base} failed: {exc}") from exc
-            log.warning("%s; trying the next upstream if any", failure)
-        raise failure
+
+        async def send(base: str) -> aiohttp.ClientResponse:
+            return await session.request(
+                method, URL(base + path_qs, encoded=True),
+                headers=upstream_headers(headers, with_body=data is not None), data=data,
+                allow_redirects=False, compress=None, chunked=None, proxy=proxy,
+            )
+
+        return await self._first_accepting(rotate, send, from_aiohttp, proxy)
 
     async def open_data(self, path_qs: str, headers: Mapping[str, str],
                         rotate: int = 0) -> DataResponse:
@@ -226,45 +188,30 @@ class Upstream:
         own whose body is received into reused buffers (``datafetch``); the caller must
         release the response. Raises UpstreamError subclasses with the same statuses and
         messages as ``request``."""
+
+        async def send(base: str) -> DataResponse:
+            return await self._data.get(base + path_qs,
+                                        upstream_headers(headers, with_body=False))
+
+        return await self._first_accepting(rotate, send, from_datafetch, self.proxy)
+
+    async def _first_accepting(self, rotate: int, send: Callable[[str], Awaitable[T]],
+                               translate: Translate, proxy: str | None) -> T:
+        """``send(base)`` to each upstream URL in turn, from the ``rotate``-th, until one
+        accepts the connection; failures are counted and translated by ``translate``."""
         failure: UpstreamError = UpstreamUnavailable("no upstream configured")
         start = rotate % len(self.urls) if self.urls else 0
         for base in self.urls[start:] + self.urls[:start]:
             try:
-                return await self._data.get(base + path_qs,
-                                            upstream_headers(headers, with_body=False))
-            except ConnectFailed as exc:
-                self._metrics.upstream_errors.labels("connect").inc()
-                failure = UpstreamUnavailable(
-                    f"cannot connect to the image-data proxy {self.proxy}: {exc.os_error}"
-                    if exc.via_proxy else f"cannot connect to Glance at {base}: {exc.os_error}")
-            except TunnelRefused as exc:
-                self._metrics.upstream_errors.labels("connect").inc()
-                failure = UpstreamUnavailable(
-                    f"the image-data proxy {self.proxy} refused a tunnel to Glance at {base} "
-                    f"({exc.status})")
-            except ssl.SSLCertVerificationError as exc:
-                self._metrics.upstream_errors.labels("tls").inc()
-                failure = UpstreamError(
-                    f"TLS certificate verification of Glance at {base} failed: "
-                    f"{exc.verify_message or exc} (see [upstream] ca_file)")
-            except ssl.SSLError as exc:
-                self._metrics.upstream_errors.labels("tls").inc()
-                failure = UpstreamError(f"TLS handshake with Glance at {base} failed: {exc}")
-            except ConnectTimedOut:
-                self._metrics.upstream_errors.labels("timeout").inc()
-                failure = UpstreamTimeout(f"connecting to Glance at {base} timed out")
-            except TimeoutError as exc:
-                self._metrics.upstream_errors.labels("timeout").inc()
-                raise UpstreamTimeout(f"Glance at {base} did not answer in time") from exc
-            except (Disconnected, OSError) as exc:
-                self._metrics.upstream_errors.labels("broken").inc()
-                hint = ("; over TLS 1.3 this is also how Glance refuses a missing or "
-                        "untrusted client certificate ([upstream] cert_file)"
-                        if base.startswith("https:") else "")
-                raise UpstreamError(f"request to Glance at {base} failed: {exc}{hint}") from exc
-            except (BadAnswer, ValueError) as exc:
-                self._metrics.upstream_errors.labels("broken").inc()
-                raise UpstreamError(f"request to Glance at {base} failed: {exc}") from exc
+                return await send(base)
+            except Exception as exc:
+                found = translate(exc, base, proxy)
+                if found is None:
+                    raise
+                self._metrics.upstream_errors.labels(found.kind).inc()
+                if not found.try_next:
+                    raise found.error from exc
+                failure = found.error
             log.warning("%s; trying the next upstream if any", failure)
         raise failure
 
