@@ -71,8 +71,12 @@ DATAFETCH = [
      f"Glance at {BASE} did not answer in time"),
     (Disconnected("closed"), "broken", UpstreamError, False,
      "refuses a missing or untrusted client certificate ([upstream] cert_file)"),
+    (OSError(5, "Input/output error"), "broken", UpstreamError, False,
+     "refuses a missing or untrusted client certificate ([upstream] cert_file)"),
     (BadAnswer("not HTTP"), "broken", UpstreamError, False,
      f"request to Glance at {BASE} failed: not HTTP"),
+    (ValueError("bad header line"), "broken", UpstreamError, False,
+     f"request to Glance at {BASE} failed: bad header line"),
 ]
 
 
@@ -91,9 +95,24 @@ def test_each_failure_has_its_kind_status_and_message(
     assert message in str(failure.error)
 
 
-def test_the_tls_hint_is_only_given_for_https() -> None:
-    failure = from_datafetch(Disconnected("closed"), "http://glance.example:9292", None)
-    assert failure is not None and "cert_file" not in str(failure.error)
+@pytest.mark.parametrize(("translate", "exc", "base", "hinted"), [
+    (from_datafetch, Disconnected("closed"), BASE, True),
+    (from_datafetch, Disconnected("closed"), "HTTPS://glance.example:9292", True),
+    (from_datafetch, Disconnected("closed"), "http://glance.example:9292", False),
+    (from_datafetch, BadAnswer("not HTTP"), BASE, False),
+    (from_datafetch, ValueError("bad header line"), BASE, False),
+    (from_aiohttp, aiohttp.ServerDisconnectedError(), BASE, True),
+    (from_aiohttp, aiohttp.ServerDisconnectedError(), "http://glance.example:9292", False),
+    (from_aiohttp, aiohttp.ClientPayloadError("cut short"), BASE, False),
+])
+def test_the_client_certificate_hint_is_given_only_for_a_dropped_https_connection(
+    translate: object, exc: Exception, base: str, hinted: bool
+) -> None:
+    # Over TLS 1.3 a server refusing the client certificate just closes the connection.
+    assert callable(translate)
+    failure = translate(exc, base, None)
+    assert failure is not None
+    assert ("[upstream] cert_file" in str(failure.error)) == hinted
 
 
 def test_what_is_not_a_request_failure_is_left_to_the_caller() -> None:
