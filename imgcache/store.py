@@ -10,6 +10,11 @@ Layout under ``cache_dir``:
 The table is kept in memory (recency order included), and its totals (bytes cached, pinned,
 reserved) are kept up to date on every change, so that a lookup or a reservation on the hot
 path never touches SQLite or walks the table; file operations run on the ``files`` threads.
+
+A file is never rewritten in place, not even once its entry left the cache and no fd of it is
+open: sendfile(2) queues references to the file's page-cache pages, not copies, so the bytes
+a client has not read yet (on loopback: until the client reads them, after imgcache closed
+the connection) would change under it. Every fill writes a new file.
 """
 
 from __future__ import annotations
