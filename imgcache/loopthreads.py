@@ -53,16 +53,31 @@ class LoopThreads:
 
     def __init__(self, count: int, name: str,
                  initializer: Callable[[], None] | None = None) -> None:
+        self._name = name
         self._work: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         self._shut = False
+        self._initialized = threading.Barrier(count + 1)
+        self._init_errors: list[BaseException] = []
         self._threads = [threading.Thread(target=self._serve, args=(initializer,),
                                           name=f"{name}_{n}", daemon=True)
                          for n in range(count)]
 
     def start(self) -> None:
-        """Start every thread; blocks until each runs (call it off the event loop)."""
-        for thread in self._threads:
-            thread.start()
+        """Start every thread and wait until each ran the initializer (call it off the
+        event loop). Raises RuntimeError, with every thread ended, if one of them failed:
+        a group short of threads would leave calls waiting for ever once all had failed."""
+        try:
+            for thread in self._threads:
+                thread.start()
+        except BaseException:
+            self._initialized.abort()  # the threads started end at once
+            raise
+        self._initialized.wait()
+        if self._init_errors:
+            self.shutdown()
+            error = self._init_errors[0]
+            raise RuntimeError(f"{len(self._init_errors)} of the {len(self._threads)} "
+                               f"{self._name} threads failed to start: {error!r}") from error
 
     async def run(self, func: Callable[..., T], *args: object) -> T:
         """Run ``func(*args)`` on one of the threads. If the caller is cancelled meanwhile
@@ -92,8 +107,15 @@ class LoopThreads:
             self._work.put(None)
 
     def _serve(self, initializer: Callable[[], None] | None) -> None:
-        if initializer is not None:
-            initializer()
+        try:
+            if initializer is not None:
+                initializer()
+        except BaseException as exc:  # raised by start, which waits for every thread
+            self._init_errors.append(exc)
+            self._wait_for_the_others()
+            return
+        if not self._wait_for_the_others():
+            return
         while (work := self._work.get()) is not None:
             loop, call, func, args = work
             value, error = None, None
@@ -104,3 +126,11 @@ class LoopThreads:
             with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits
                 loop.call_soon_threadsafe(call.settle, value, error)
             del work, call, value, error  # no reference kept while waiting for the next
+
+    def _wait_for_the_others(self) -> bool:
+        """Wait until every thread ran its initializer; False if starting them failed."""
+        try:
+            self._initialized.wait()
+        except threading.BrokenBarrierError:
+            return False
+        return True

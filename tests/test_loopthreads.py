@@ -30,9 +30,14 @@ async def test_a_result_and_an_error_reach_the_caller(group: LoopThreads) -> Non
 
 async def test_calls_run_on_the_groups_threads_after_the_initializer() -> None:
     initialized: list[str] = []
-    threads = LoopThreads(3, "test-init",
-                          initializer=lambda: initialized.append(threading.current_thread().name))
+
+    def initializer() -> None:
+        time.sleep(0.1)
+        initialized.append(threading.current_thread().name)
+
+    threads = LoopThreads(3, "test-init", initializer=initializer)
     await asyncio.to_thread(threads.start)
+    assert len(initialized) == 3  # start waited for every initializer
     try:
         ran_on = {await threads.run(lambda: threading.current_thread().name)
                   for _ in range(20)}
@@ -40,6 +45,26 @@ async def test_calls_run_on_the_groups_threads_after_the_initializer() -> None:
         threads.shutdown()
     assert sorted(initialized) == ["test-init_0", "test-init_1", "test-init_2"]
     assert ran_on <= set(initialized) and threading.current_thread().name not in ran_on
+
+
+async def test_a_thread_whose_initializer_fails_fails_the_start_and_ends_the_group() -> None:
+    ours: list[threading.Thread] = []
+
+    def initializer() -> None:
+        ours.append(threading.current_thread())
+        if threading.current_thread().name == "test-fail_1":
+            raise OSError(1, "Operation not permitted")
+
+    threads = LoopThreads(3, "test-fail", initializer=initializer)
+    with pytest.raises(RuntimeError, match=r"1 of the 3 test-fail threads failed to start: "
+                                           r"PermissionError.*not permitted"):
+        await asyncio.to_thread(threads.start)
+    assert len(ours) == 3
+    for thread in ours:
+        await asyncio.to_thread(thread.join, 5)
+    assert not any(thread.is_alive() for thread in ours)
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        await threads.run(pow, 2, 10)
 
 
 @pytest.mark.parametrize("cancels", [1, 2])
