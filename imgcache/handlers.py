@@ -40,6 +40,11 @@ log = logging.getLogger("imgcache.access")
 
 _DATA_PATH = re.compile(r"^/v2/images/([^/]+)/file$")
 REQUEST_ID_HEADER = "X-OpenStack-Request-ID"
+#: A client's request id is kept only if it is a token like OpenStack's ``req-<uuid>``; one
+#: with spaces or quotes could forge the fields of the plain access-log line.
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+#: What an image id from the URL may show of itself in a log line as it is.
+_LOGGED_AS_IS = re.compile(r"[^A-Za-z0-9_.:-]")
 #: Statuses that end an image's cached life. A deleted image is never among them: Glance
 #: answers 404 for it, as for an image the caller may not see.
 GONE_STATUSES = frozenset({"deactivated", "killed"})
@@ -107,6 +112,21 @@ def glance_answer(status: int, headers: CIMultiDict[str], body: bytes) -> web.Re
     return web.Response(status=status, headers=headers, body=body)
 
 
+def _log_safe(text: str) -> str:
+    """``text`` with every character that could change a log line's fields (a space, a
+    newline, a quote) escaped as ``\\xNN``/``\\uNNNN``."""
+    return _LOGGED_AS_IS.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 256
+                             else f"\\u{ord(m[0]):04x}", text)
+
+
+def _request_id(request: web.Request) -> str:
+    """The client's request id if it is a plain token, else a new one."""
+    given = request.headers.get(REQUEST_ID_HEADER)
+    if given is not None and _CLIENT_REQUEST_ID.fullmatch(given):
+        return given
+    return _new_request_id()
+
+
 def _new_request_id() -> str:
     """An OpenStack-style ``req-<uuid4>``; from the process's PRNG, not os.urandom, since a
     request id needs to be unique, not secret, and this runs for every request."""
@@ -123,7 +143,7 @@ class ImageDataRequest:
         self.services = services
         self.request = request
         self.raw_id = raw_id
-        self.request_id = (request.headers.get(REQUEST_ID_HEADER) or _new_request_id())[:128]
+        self.request_id = _request_id(request)
         self.result = "error"
         self.sent = 0
         self.status = 0  # 0 until answered; 499 when the client went away mid-body
@@ -155,7 +175,7 @@ class ImageDataRequest:
             if info is not None and info.status == "active" and info.expected is not None:
                 self.services.history.record(info.image_id, info.expected.size, self.result)
             if log.isEnabledFor(logging.INFO):
-                fields = {"request_id": self.request_id, "image_id": self.raw_id[:64],
+                fields = {"request_id": self.request_id, "image_id": _log_safe(self.raw_id[:64]),
                           "result": self.result.upper(), "status": self.status,
                           "bytes": self.sent, "duration": round(time.monotonic() - started, 3)}
                 log.info("image request %s image=%s result=%s status=%s bytes=%d "
