@@ -12,7 +12,7 @@ import signal
 import ssl
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 
@@ -82,6 +82,13 @@ def _yield_to_the_loop() -> None:
                        os.getpriority(os.PRIO_PROCESS, 0) + FILE_THREADS_NICE)
 
 
+def _stop_threads(senders: LoopThreads, *pools: Executor) -> None:
+    """End the sending threads and the pools (without waiting for them)."""
+    senders.shutdown()
+    for pool in pools:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 async def _start_every_thread(threads: ThreadPoolExecutor, count: int) -> None:
     """Start all ``count`` threads of the pool now, before serving: left to itself the pool
     starts them one per busy moment, and each start holds the loop until the new thread
@@ -106,9 +113,14 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
         control = ThreadPoolExecutor(CONTROL_THREADS, thread_name_prefix="imgcache-files")
         pipeline = SparePool(PIPELINE_THREADS, started=PIPELINE_THREADS_STARTED,
                              spare=PIPELINE_THREADS_SPARE, name="imgcache-pipe")
-        await asyncio.gather(asyncio.to_thread(senders.start),
-                             _start_every_thread(control, CONTROL_THREADS),
-                             asyncio.to_thread(pipeline.start))
+        starts = await asyncio.gather(asyncio.to_thread(senders.start),
+                                      _start_every_thread(control, CONTROL_THREADS),
+                                      asyncio.to_thread(pipeline.start),
+                                      return_exceptions=True)
+        failed = [outcome for outcome in starts if isinstance(outcome, BaseException)]
+        if failed:  # every start is over: end what did start, then say what failed
+            _stop_threads(senders, control, pipeline)
+            raise failed[0]
         upstream = Upstream(settings.upstream, connect_timeout=settings.connect_timeout,
                             read_timeout=settings.read_timeout, metrics=metrics,
                             proxy=settings.proxy, ssl_context=tls)
@@ -182,9 +194,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
         await open_files.close()
         await history.close()
         await store.close()
-        senders.shutdown()
-        for pool in (control, pipeline):
-            pool.shutdown(wait=False, cancel_futures=True)
+        _stop_threads(senders, control, pipeline)
 
     app.cleanup_ctx.append(lifecycle)
     if settings.cache_api_roles:  # Glance's cache API; with no role it goes to Glance

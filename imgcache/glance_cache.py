@@ -34,6 +34,7 @@ from imgcache.errors import BadRequest, ImgcacheError
 from imgcache.handlers import SERVICES, Services, dispatch, error_response
 from imgcache.keys import parse_image_id
 from imgcache.keystone import Caller, Forbidden, KeystoneRoles, NotAuthenticated
+from imgcache.logs import log_safe
 from imgcache.upstream import end_to_end_headers
 
 log = logging.getLogger("imgcache.cache_api")
@@ -134,7 +135,7 @@ class CacheApi:
         if not request.raw_path.startswith("/"):
             return await dispatch(request)
         services = request.app[SERVICES]
-        what = f"{request.method} {request.path[:120]}"
+        what = f"{request.method} {log_safe(request.path[:120])}"
         caller: Caller | None = None
         try:
             caller = await self.roles.require(request.headers)

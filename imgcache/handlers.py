@@ -22,6 +22,7 @@ from imgcache.errors import BadRequest, FillError, ImgcacheError, UpstreamError
 from imgcache.fill import FillFailed, FillRegistry
 from imgcache.history import AccessHistory
 from imgcache.keys import parse_image_id
+from imgcache.logs import log_safe
 from imgcache.metrics import Metrics
 from imgcache.openfiles import OpenFiles
 from imgcache.passthrough import forward, pass_through, relay
@@ -43,8 +44,6 @@ REQUEST_ID_HEADER = "X-OpenStack-Request-ID"
 #: A client's request id is kept only if it is a token like OpenStack's ``req-<uuid>``; one
 #: with spaces or quotes could forge the fields of the plain access-log line.
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
-#: What an image id from the URL may show of itself in a log line as it is.
-_LOGGED_AS_IS = re.compile(r"[^A-Za-z0-9_.:-]")
 #: Statuses that end an image's cached life. A deleted image is never among them: Glance
 #: answers 404 for it, as for an image the caller may not see.
 GONE_STATUSES = frozenset({"deactivated", "killed"})
@@ -112,13 +111,6 @@ def glance_answer(status: int, headers: CIMultiDict[str], body: bytes) -> web.Re
     return web.Response(status=status, headers=headers, body=body)
 
 
-def _log_safe(text: str) -> str:
-    """``text`` with every character that could change a log line's fields (a space, a
-    newline, a quote) escaped as ``\\xNN``/``\\uNNNN``."""
-    return _LOGGED_AS_IS.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 256
-                             else f"\\u{ord(m[0]):04x}", text)
-
-
 def _request_id(request: web.Request) -> str:
     """The client's request id if it is a plain token, else a new one."""
     given = request.headers.get(REQUEST_ID_HEADER)
@@ -175,7 +167,7 @@ class ImageDataRequest:
             if info is not None and info.status == "active" and info.expected is not None:
                 self.services.history.record(info.image_id, info.expected.size, self.result)
             if log.isEnabledFor(logging.INFO):
-                fields = {"request_id": self.request_id, "image_id": _log_safe(self.raw_id[:64]),
+                fields = {"request_id": self.request_id, "image_id": log_safe(self.raw_id[:64]),
                           "result": self.result.upper(), "status": self.status,
                           "bytes": self.sent, "duration": round(time.monotonic() - started, 3)}
                 log.info("image request %s image=%s result=%s status=%s bytes=%d "

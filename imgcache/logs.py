@@ -5,11 +5,28 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 
 #: Fields an image-request log record carries (see handlers.ImageDataRequest).
 REQUEST_FIELDS = ("request_id", "image_id", "result", "status", "bytes", "duration")
+
+#: What a value from a request may show of itself in a log line as it is.
+_SHOWN_AS_IS = re.compile(r"[^A-Za-z0-9_.:/%-]")
+
+
+def log_safe(text: str) -> str:
+    """``text`` from a request (a path, an id) for a log line: every character that could
+    change the line's fields (a space, a quote, a control character, a backslash) escaped as
+    ``\\xNN``, ``\\uNNNN`` or ``\\UNNNNNNNN``, so that no client can add to the line."""
+    return _SHOWN_AS_IS.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match[0])
+    return (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000
+            else f"\\U{code:08x}")
 
 
 class JsonFormatter(logging.Formatter):

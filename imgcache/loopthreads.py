@@ -19,6 +19,9 @@ from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
+#: Seconds ``start`` waits for every thread to have run its initializer.
+START_SECONDS = 30.0
+
 
 class _Call(Generic[T]):
     """One call's outcome, settled on the loop by ``settle``."""
@@ -53,10 +56,13 @@ class LoopThreads:
 
     def __init__(self, count: int, name: str,
                  initializer: Callable[[], None] | None = None) -> None:
+        if count < 1:
+            raise ValueError(f"a group of threads needs at least one, not {count}")
         self._name = name
         self._work: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
         self._shut = False
-        self._initialized = threading.Barrier(count + 1)
+        self._started = False
+        self._initialized = threading.Barrier(count + 1, timeout=START_SECONDS)
         self._init_errors: list[BaseException] = []
         self._threads = [threading.Thread(target=self._serve, args=(initializer,),
                                           name=f"{name}_{n}", daemon=True)
@@ -64,15 +70,24 @@ class LoopThreads:
 
     def start(self) -> None:
         """Start every thread and wait until each ran the initializer (call it off the
-        event loop). Raises RuntimeError, with every thread ended, if one of them failed:
-        a group short of threads would leave calls waiting for ever once all had failed."""
+        event loop; once). Raises RuntimeError, with the group shut down, if a thread could
+        not start, its initializer raised, or they were not all ready within
+        START_SECONDS: a group short of threads would leave calls waiting for ever once
+        none was left."""
+        if self._started:
+            raise RuntimeError(f"the {self._name} threads were started already")
+        self._started = True
         try:
             for thread in self._threads:
                 thread.start()
-        except BaseException:
-            self._initialized.abort()  # the threads started end at once
+            self._initialized.wait()
+        except BaseException as exc:
+            self._initialized.abort()  # the threads that started end at once
+            self.shutdown()
+            if isinstance(exc, threading.BrokenBarrierError):
+                raise RuntimeError(f"the {self._name} threads were not all ready within "
+                                   f"{START_SECONDS:g} s") from None
             raise
-        self._initialized.wait()
         if self._init_errors:
             self.shutdown()
             error = self._init_errors[0]

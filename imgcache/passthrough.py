@@ -10,6 +10,7 @@ from collections.abc import Callable
 import aiohttp
 from aiohttp import web
 
+from imgcache.logs import log_safe
 from imgcache.metrics import Metrics
 from imgcache.responses import ClientGone, reset_connection
 from imgcache.upstream import Upstream, end_to_end_headers
@@ -61,13 +62,14 @@ async def relay(upstream: Upstream, metrics: Metrics, request: web.Request,
                 if on_sent is not None:
                     on_sent(len(chunk))
         except ClientGone:  # the client went away: routine, nothing to report
-            log.debug("%s %s: the client went away mid-body", request.method, request.path)
+            log.debug("%s %s: the client went away mid-body", request.method,
+                      log_safe(request.path))
             reset_connection(request)
             return response
         except Exception as exc:
             # The status line is gone: all that is left is not to end the body cleanly.
             log.warning("%s %s: %s; resetting the client connection", request.method,
-                        request.path, upstream.broken(exc, "a pass-through"))
+                        log_safe(request.path), upstream.broken(exc, "a pass-through"))
             reset_connection(request)
             return response
         await response.write_eof()

@@ -1,6 +1,6 @@
-"""The access log line cannot be forged by what a client sends: a request id that is not a
-plain token is replaced, and an image id from the URL is logged with its spaces, quotes and
-other control characters escaped."""
+"""Log lines cannot be forged by what a client sends: a request id that is not a plain
+token is replaced, and an image id or a cache-API path from the URL is logged with its
+spaces, quotes and control characters escaped."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from inloop import TOKEN, Imgcache
 from yarl import URL
 
+from imgcache.logs import log_safe
 from imgcache.standin import GlanceStandin
 
 REQUEST_ID = re.compile(r"req-[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
@@ -69,3 +70,22 @@ async def test_an_image_id_cannot_add_fields_or_lines_to_the_log(
     assert "\t" not in message and '"' not in message
     assert message.count("result=") == 1
     assert r"image=\x09fake\x20result\x3dHIT\x22 " in message
+
+
+async def test_a_cache_api_path_cannot_forge_who_called(
+    glance: GlanceStandin, imgcache: Imgcache, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "imgcache.cache_api")
+    url = URL(f"{imgcache.url}/v2/cache/x%20by%20user%20admin%20(project%20p):%20204%0d",
+              encoded=True)
+    async with imgcache.session.delete(url) as response:  # no token
+        assert response.status == 401
+    [line] = [r.getMessage() for r in caplog.records if r.name == "imgcache.cache_api"]
+    assert "\r" not in line and line.count(" by ") == 1
+    assert line.endswith("by a caller Keystone did not identify: 401")
+
+
+def test_every_unsafe_character_has_an_escape_of_its_own() -> None:
+    assert log_safe("req-1.a_b:c/d%e") == "req-1.a_b:c/d%e"
+    assert log_safe("a b\t\"\\") == r"a\x20b\x09\x22\x5c"
+    assert log_safe("\U0001f600") == r"\U0001f600" != log_safe("\u1f60" + "0")

@@ -8,9 +8,12 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
+from imgcache import app, loopthreads
+from imgcache.config import load_settings
 from imgcache.loopthreads import LoopThreads
 
 
@@ -65,6 +68,41 @@ async def test_a_thread_whose_initializer_fails_fails_the_start_and_ends_the_gro
     assert not any(thread.is_alive() for thread in ours)
     with pytest.raises(RuntimeError, match="after shutdown"):
         await threads.run(pow, 2, 10)
+
+
+async def test_a_group_whose_threads_are_not_all_ready_in_time_is_shut_down(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(loopthreads, "START_SECONDS", 0.2)
+    release = threading.Event()
+    ours: list[threading.Thread] = []
+
+    def initializer() -> None:
+        ours.append(threading.current_thread())
+        if threading.current_thread().name == "test-slow_0":
+            release.wait(10)
+
+    threads = LoopThreads(2, "test-slow", initializer=initializer)
+    try:
+        with pytest.raises(RuntimeError, match=r"test-slow threads were not all ready within "
+                                               r"0\.2 s"):
+            await asyncio.to_thread(threads.start)
+        with pytest.raises(RuntimeError, match="after shutdown"):
+            await threads.run(pow, 2, 10)
+    finally:
+        release.set()
+    assert len(ours) == 2
+    for thread in ours:
+        await asyncio.to_thread(thread.join, 5)
+    assert not any(thread.is_alive() for thread in ours)
+
+
+async def test_a_group_starts_once_and_has_a_thread_at_least(group: LoopThreads) -> None:
+    with pytest.raises(RuntimeError, match="started already"):
+        await asyncio.to_thread(group.start)
+    assert await group.run(pow, 2, 10) == 1024  # the group is still whole
+    with pytest.raises(ValueError, match="at least one"):
+        LoopThreads(0, "test-none")
 
 
 @pytest.mark.parametrize("cancels", [1, 2])
@@ -142,3 +180,24 @@ def test_a_call_after_shutdown_is_refused_not_left_waiting() -> None:
             call.result()
     finally:
         loop.close()
+
+
+async def test_a_sender_thread_failing_at_start_stops_the_app_and_ends_its_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A fault no real thread start can be made to produce here: the initializer raises.
+    def refuse() -> None:
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(app, "_yield_to_the_loop", refuse)
+    settings = load_settings({"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0",
+                              "upstream": "http://127.0.0.1:9", "cache_dir": str(tmp_path),
+                              "admin_socket": str(tmp_path / "admin.sock")}, environ={})
+    before = set(threading.enumerate())
+    with pytest.raises(RuntimeError, match="imgcache-send threads failed to start"):
+        async with app.running(settings):
+            pass
+    async with asyncio.timeout(10):  # TimeoutError: imgcache's threads stayed
+        while [t for t in set(threading.enumerate()) - before
+               if t.name.startswith("imgcache-")]:
+            await asyncio.sleep(0.05)
