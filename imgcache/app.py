@@ -113,73 +113,86 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
         control = ThreadPoolExecutor(CONTROL_THREADS, thread_name_prefix="imgcache-files")
         pipeline = SparePool(PIPELINE_THREADS, started=PIPELINE_THREADS_STARTED,
                              spare=PIPELINE_THREADS_SPARE, name="imgcache-pipe")
-        starts = await asyncio.gather(asyncio.to_thread(senders.start),
-                                      _start_every_thread(control, CONTROL_THREADS),
-                                      asyncio.to_thread(pipeline.start),
-                                      return_exceptions=True)
-        failed = [outcome for outcome in starts if isinstance(outcome, BaseException)]
-        if failed:  # every start is over: end what did start, then say what failed
+        # A start-up step that fails (or a cancelled start) closes what was opened and
+        # ends the threads: aiohttp runs no cleanup for a context that never yielded.
+        opened = contextlib.AsyncExitStack()
+        try:
+            starts = await asyncio.gather(asyncio.to_thread(senders.start),
+                                          _start_every_thread(control, CONTROL_THREADS),
+                                          asyncio.to_thread(pipeline.start),
+                                          return_exceptions=True)
+            failed = [outcome for outcome in starts if isinstance(outcome, BaseException)]
+            if failed:  # every start is over (none is left starting threads): say what failed
+                raise failed[0]
+            upstream = Upstream(settings.upstream, connect_timeout=settings.connect_timeout,
+                                read_timeout=settings.read_timeout, metrics=metrics,
+                                proxy=settings.proxy, ssl_context=tls)
+            store = Store(settings.cache_dir, settings.max_size, metrics, control)
+            open_files = OpenFiles(control)
+            store.add_removal_listener(lambda entry: open_files.retire(entry.file_name))
+            await store.open()
+            opened.push_async_callback(store.close)
+
+            def server_state() -> ServerState:
+                return ServerState(store.max_bytes, {e.image_id: e.size for e in store.entries()
+                                                     if e.pinned})
+
+            history = AccessHistory(settings.cache_dir / "history",
+                                    settings.history_max_requests, server_state)
+            await history.open()
+            opened.push_async_callback(history.close)
+            for window in WORKING_SET_WINDOWS:
+                seconds = parse_duration(window)
+                metrics.working_set_bytes.labels(window).set_function(
+                    lambda seconds=seconds: history.working_set_bytes(seconds))
+            predictions = Predictions(history, server_state, metrics)
+            app[PREDICTIONS] = predictions
+            await upstream.start()
+            opened.push_async_callback(upstream.close)
+            authorizer = Authorizer(upstream, settings.decision_ttl, metrics,
+                                    settings.policy_check)
+            tier = _tier(settings, metrics, tls)
+            if tier is not None:
+                await tier.start()
+                opened.push_async_callback(tier.close)
+            fills = FillRegistry(store, upstream, metrics, control, pipeline,
+                                 retries=settings.retries, retry_backoff=settings.retry_backoff,
+                                 tier=tier)
+            verifier = Verifier(store, metrics)
+            services = Services(
+                upstream=upstream,
+                authorizer=authorizer,
+                store=store,
+                open_files=open_files,
+                fills=fills,
+                sender=ZeroCopySender(senders),
+                metrics=metrics,
+                prefetcher=Prefetcher(authorizer, store, fills, metrics,
+                                      settings.prefetch_concurrency),
+                verifier=verifier,
+                pipeline=pipeline,
+                history=history,
+            )
+            app[SERVICES] = services
+            roles = KeystoneRoles(upstream, settings.cache_api_roles, settings.keystone_url,
+                                  settings.decision_ttl, connect_timeout=settings.connect_timeout,
+                                  read_timeout=settings.read_timeout, ssl_context=tls)
+            await roles.start()
+            opened.push_async_callback(roles.close)
+            app[CACHE_API] = CacheApi(roles)
+            loop = asyncio.get_running_loop()
+            background = [
+                loop.create_task(verifier.scrub_forever(settings.scrub_interval,
+                                                        settings.scrub_rate))
+                if settings.scrub_interval else None,
+                loop.create_task(predictions.update_forever(settings.predict_interval))
+                if settings.predict_interval and history.enabled else None,
+            ]
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await opened.aclose()
             _stop_threads(senders, control, pipeline)
-            raise failed[0]
-        upstream = Upstream(settings.upstream, connect_timeout=settings.connect_timeout,
-                            read_timeout=settings.read_timeout, metrics=metrics,
-                            proxy=settings.proxy, ssl_context=tls)
-        store = Store(settings.cache_dir, settings.max_size, metrics, control)
-        open_files = OpenFiles(control)
-        store.add_removal_listener(lambda entry: open_files.retire(entry.file_name))
-        await store.open()
-
-        def server_state() -> ServerState:
-            return ServerState(store.max_bytes, {e.image_id: e.size for e in store.entries()
-                                                 if e.pinned})
-
-        history = AccessHistory(settings.cache_dir / "history",
-                                settings.history_max_requests, server_state)
-        await history.open()
-        for window in WORKING_SET_WINDOWS:
-            seconds = parse_duration(window)
-            metrics.working_set_bytes.labels(window).set_function(
-                lambda seconds=seconds: history.working_set_bytes(seconds))
-        predictions = Predictions(history, server_state, metrics)
-        app[PREDICTIONS] = predictions
-        await upstream.start()
-        authorizer = Authorizer(upstream, settings.decision_ttl, metrics,
-                                settings.policy_check)
-        tier = _tier(settings, metrics, tls)
-        if tier is not None:
-            await tier.start()
-        fills = FillRegistry(store, upstream, metrics, control, pipeline,
-                             retries=settings.retries, retry_backoff=settings.retry_backoff,
-                             tier=tier)
-        verifier = Verifier(store, metrics)
-        services = Services(
-            upstream=upstream,
-            authorizer=authorizer,
-            store=store,
-            open_files=open_files,
-            fills=fills,
-            sender=ZeroCopySender(senders),
-            metrics=metrics,
-            prefetcher=Prefetcher(authorizer, store, fills, metrics,
-                                  settings.prefetch_concurrency),
-            verifier=verifier,
-            pipeline=pipeline,
-            history=history,
-        )
-        app[SERVICES] = services
-        roles = KeystoneRoles(upstream, settings.cache_api_roles, settings.keystone_url,
-                              settings.decision_ttl, connect_timeout=settings.connect_timeout,
-                              read_timeout=settings.read_timeout, ssl_context=tls)
-        await roles.start()
-        app[CACHE_API] = CacheApi(roles)
-        loop = asyncio.get_running_loop()
-        background = [
-            loop.create_task(verifier.scrub_forever(settings.scrub_interval,
-                                                    settings.scrub_rate))
-            if settings.scrub_interval else None,
-            loop.create_task(predictions.update_forever(settings.predict_interval))
-            if settings.predict_interval and history.enabled else None,
-        ]
+            raise
         yield
         for task in background:
             if task is not None:

@@ -29,6 +29,7 @@ import aiohttp
 
 from imgcache.decisions import Decisions
 from imgcache.errors import ImgcacheError, UpstreamError, UpstreamUnavailable
+from imgcache.logs import log_safe
 from imgcache.upstream import Upstream, read_whole
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,9 @@ class Caller:
         return bool(self.expires_at) and self.expires_at <= time.time()
 
     def describe(self) -> str:
-        """``user NAME (ID) in project P (ID)``: for logs and messages."""
-        return f"user {self.user_name} ({self.user_id}) in {self.scope}"
+        """``user NAME (ID) in project P (ID)``: for logs and messages (names escaped by
+        ``logs.log_safe``: a name with a space or a newline cannot add to a log line)."""
+        return f"user {log_safe(self.user_name)} ({log_safe(self.user_id)}) in {self.scope}"
 
 
 def keystone_from_www_authenticate(value: str) -> str | None:
@@ -90,9 +92,11 @@ def caller_from_token_body(body: dict[str, Any]) -> Caller:
     token = body["token"]
     user = token.get("user") or {}
     if "project" in token:
-        scope = f"project {token['project'].get('name')} ({token['project'].get('id')})"
+        project = token["project"]
+        scope = (f"project {log_safe(str(project.get('name')))} "
+                 f"({log_safe(str(project.get('id')))})")
     elif "domain" in token:
-        scope = f"domain {token['domain'].get('name')}"
+        scope = f"domain {log_safe(str(token['domain'].get('name')))}"
     elif "system" in token:
         scope = "the system scope"
     else:

@@ -84,10 +84,11 @@ class LoopThreads:
         except BaseException as exc:
             self._initialized.abort()  # the threads that started end at once
             self.shutdown()
-            if isinstance(exc, threading.BrokenBarrierError):
+            if not isinstance(exc, threading.BrokenBarrierError):
+                raise
+            if not self._init_errors:
                 raise RuntimeError(f"the {self._name} threads were not all ready within "
                                    f"{START_SECONDS:g} s") from None
-            raise
         if self._init_errors:
             self.shutdown()
             error = self._init_errors[0]

@@ -12,6 +12,7 @@ import pytest
 from inloop import TOKEN, Imgcache
 from yarl import URL
 
+from imgcache.keystone import caller_from_token_body
 from imgcache.logs import log_safe
 from imgcache.standin import GlanceStandin
 
@@ -89,3 +90,12 @@ def test_every_unsafe_character_has_an_escape_of_its_own() -> None:
     assert log_safe("req-1.a_b:c/d%e") == "req-1.a_b:c/d%e"
     assert log_safe("a b\t\"\\") == r"a\x20b\x09\x22\x5c"
     assert log_safe("\U0001f600") == r"\U0001f600" != log_safe("\u1f60" + "0")
+
+
+def test_a_keystone_name_cannot_add_to_a_log_line() -> None:
+    caller = caller_from_token_body({"token": {
+        "user": {"id": "u9", "name": "mallory (u9) in project demo (p9): 403\nINFO by user admin"},
+        "project": {"id": "p9", "name": "demo project"}, "roles": []}})
+    described = caller.describe()
+    assert "\n" not in described and described.count(" in project ") == 1
+    assert described.endswith(r"in project demo\x20project (p9)")

@@ -91,10 +91,32 @@ async def test_a_group_whose_threads_are_not_all_ready_in_time_is_shut_down(
             await threads.run(pow, 2, 10)
     finally:
         release.set()
-    assert len(ours) == 2
+    async with asyncio.timeout(10):
+        while len(ours) < 2:  # the second thread may not have run its first line yet
+            await asyncio.sleep(0.01)
     for thread in ours:
         await asyncio.to_thread(thread.join, 5)
     assert not any(thread.is_alive() for thread in ours)
+
+
+async def test_an_initializer_error_is_told_even_when_another_thread_is_late(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(loopthreads, "START_SECONDS", 0.2)
+    release = threading.Event()
+
+    def initializer() -> None:
+        if threading.current_thread().name == "test-both_0":
+            raise OSError(1, "Operation not permitted")
+        release.wait(10)
+
+    threads = LoopThreads(2, "test-both", initializer=initializer)
+    try:
+        with pytest.raises(RuntimeError, match="failed to start: PermissionError") as caught:
+            await asyncio.to_thread(threads.start)
+        assert isinstance(caught.value.__cause__, PermissionError)
+    finally:
+        release.set()
 
 
 async def test_a_group_starts_once_and_has_a_thread_at_least(group: LoopThreads) -> None:
@@ -182,19 +204,27 @@ def test_a_call_after_shutdown_is_refused_not_left_waiting() -> None:
         loop.close()
 
 
-async def test_a_sender_thread_failing_at_start_stops_the_app_and_ends_its_threads(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("fault", ["sender initializer", "cache dir is a file"])
+async def test_a_failed_start_up_leaves_no_thread_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str,
 ) -> None:
-    # A fault no real thread start can be made to produce here: the initializer raises.
-    def refuse() -> None:
-        raise OSError(1, "Operation not permitted")
+    cache_dir = tmp_path / "cache"
+    if fault == "sender initializer":
+        # A fault no real thread start can be made to produce here: the initializer raises.
+        def refuse() -> None:
+            raise OSError(1, "Operation not permitted")
 
-    monkeypatch.setattr(app, "_yield_to_the_loop", refuse)
+        monkeypatch.setattr(app, "_yield_to_the_loop", refuse)
+        expected: tuple[type[BaseException], str] = (
+            RuntimeError, "imgcache-send threads failed to start")
+    else:  # found by store.open, after every thread group started
+        await asyncio.to_thread(cache_dir.write_bytes, b"not a directory")
+        expected = (NotADirectoryError, "cache")
     settings = load_settings({"listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0",
-                              "upstream": "http://127.0.0.1:9", "cache_dir": str(tmp_path),
+                              "upstream": "http://127.0.0.1:9", "cache_dir": str(cache_dir),
                               "admin_socket": str(tmp_path / "admin.sock")}, environ={})
     before = set(threading.enumerate())
-    with pytest.raises(RuntimeError, match="imgcache-send threads failed to start"):
+    with pytest.raises(expected[0], match=expected[1]):
         async with app.running(settings):
             pass
     async with asyncio.timeout(10):  # TimeoutError: imgcache's threads stayed
