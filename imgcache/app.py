@@ -113,8 +113,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
         control = ThreadPoolExecutor(CONTROL_THREADS, thread_name_prefix="imgcache-files")
         pipeline = SparePool(PIPELINE_THREADS, started=PIPELINE_THREADS_STARTED,
                              spare=PIPELINE_THREADS_SPARE, name="imgcache-pipe")
-        # A start-up step that fails (or a cancelled start) closes what was opened and
-        # ends the threads: aiohttp runs no cleanup for a context that never yielded.
+        # What was opened is closed, last first, at shutdown and also when a start-up step
+        # fails or the start is cancelled: aiohttp runs no cleanup for a context that never
+        # yielded.
         opened = contextlib.AsyncExitStack()
         try:
             starts = await asyncio.gather(asyncio.to_thread(senders.start),
@@ -132,6 +133,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
             store.add_removal_listener(lambda entry: open_files.retire(entry.file_name))
             await store.open()
             opened.push_async_callback(store.close)
+            opened.push_async_callback(open_files.close)
 
             def server_state() -> ServerState:
                 return ServerState(store.max_bytes, {e.image_id: e.size for e in store.entries()
@@ -200,13 +202,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
         await services.prefetcher.close()
         await fills.close()
         verifier.close()
-        await roles.close()
-        if tier is not None:
-            await tier.close()
-        await upstream.close()
-        await open_files.close()
-        await history.close()
-        await store.close()
+        await opened.aclose()
         _stop_threads(senders, control, pipeline)
 
     app.cleanup_ctx.append(lifecycle)

@@ -81,19 +81,22 @@ class LoopThreads:
             for thread in self._threads:
                 thread.start()
             self._initialized.wait()
-        except BaseException as exc:
+            timed_out = False
+        except threading.BrokenBarrierError:
+            timed_out = True
+        except BaseException:
             self._initialized.abort()  # the threads that started end at once
             self.shutdown()
-            if not isinstance(exc, threading.BrokenBarrierError):
-                raise
-            if not self._init_errors:
-                raise RuntimeError(f"the {self._name} threads were not all ready within "
-                                   f"{START_SECONDS:g} s") from None
+            raise
         if self._init_errors:
             self.shutdown()
             error = self._init_errors[0]
             raise RuntimeError(f"{len(self._init_errors)} of the {len(self._threads)} "
                                f"{self._name} threads failed to start: {error!r}") from error
+        if timed_out:
+            self.shutdown()
+            raise RuntimeError(f"the {self._name} threads were not all ready within "
+                               f"{START_SECONDS:g} s")
 
     async def run(self, func: Callable[..., T], *args: object) -> T:
         """Run ``func(*args)`` on one of the threads. If the caller is cancelled meanwhile
