@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from bench.common.checks import Checks
+from bench.common.images import human_size
 from bench.common.procs import run_text
 
 
@@ -79,6 +80,7 @@ def machine_details(nginx_binary: str, repo: Path) -> list[tuple[str, str]]:
         ("cpu model", _cpu_model()),
         ("memory", _memory()),
         ("kernel", platform.release()),
+        ("free page reporting", _page_reporting()),
         ("python", sys.version.split()[0]),
         ("nginx", run_text([nginx_binary, "-v"]).removeprefix("nginx version: ")),
         ("curl", (run_text(["curl", "--version"]) or "?").splitlines()[0]),
@@ -105,3 +107,15 @@ def _memory() -> str:
     except OSError:
         pass
     return "?"
+
+
+def _page_reporting() -> str:
+    """Whether the kernel hands memory its guest frees back to the host (virtio free page
+    reporting), which makes the next write into that memory cost the guest far more CPU."""
+    try:
+        order = int(Path("/sys/module/page_reporting/parameters/page_reporting_order")
+                    .read_text())
+    except (OSError, ValueError):
+        return "none seen (no /sys/module/page_reporting)"
+    return (f"on: free blocks of {human_size(4096 << order)} and more go back to the host "
+            f"(page_reporting_order {order})")

@@ -127,6 +127,10 @@ def rows(sizes: Sizes) -> list[tuple[str, list[Row]]]:
                 _bound("cold.disk_mbps")),
             Row("CPU s per GB of the contender's processes", "cold.cpu_s_per_gb", LOWER,
                 ".2f"),
+            Row(f"{hit} at the cap, right after an image left the cache: MB/s",
+                "cold_at_cap.mbps", INFO, ".0f"),
+            Row("at the cap: CPU s per GB of imgcache's processes",
+                "cold_at_cap.cpu_s_per_gb", INFO, ".2f"),
             Row("CPU s of the curl client", "cold.clients_cpu_s", INFO, ".2f"),
             Row("CPU s of the upstream", "cold.upstream_cpu_s", INFO, ".2f"),
             Row("CPU s of everything else on the machine", "cold.other_cpu_s", INFO, ".2f"),
@@ -316,24 +320,31 @@ def targets(results: Results, sizes: Sizes) -> list[Target]:
 
 def _cold_cost_targets(r: Results) -> list[Target]:
     """Scenario 3's targets against the sha512 bound measured in the same repetitions:
-    imgcache's CPU per cold GB, and its cold miss rate."""
+    imgcache's CPU per cold GB, and its cold miss rate; each for the fills alternating
+    with the peers and for the fills at the cap (``measure.imgcache_cold_at_cap``), with
+    what writing a new file costs this machine (dd) beside them."""
     sha = r.median("cold.sha512_mbps", BOUND)
-    cpu = r.median("cold.cpu_s_per_gb", IMGCACHE)
-    if math.isnan(cpu) or math.isnan(sha):
+    if math.isnan(sha) or math.isnan(r.median("cold.cpu_s_per_gb", IMGCACHE)):
         return []
     limit = 1000 / sha + 0.8
-    mine = r.median("cold.mbps", IMGCACHE)
-    ratio = _ratio(mine, sha)
-    return [
-        Target("3", "CPU s per cold GB (imgcache's processes) <= the sha512 cost per GB "
-               "measured in this run + 0.8 s",
-               f"{cpu:.2f} s/GB; sha512 {1000 / sha:.2f} s/GB (at {sha:.0f} MB/s) + 0.8 = "
-               f"{limit:.2f}; varnish {_fmt(r.median('cold.cpu_s_per_gb', VARNISH))} s/GB",
-               cpu <= limit),
-        Target("3", "cold miss, 1 client, loopback (no link): >= 0.9x the sha512 bound "
-               "(one core)", f"{_fmt(mine, '.0f')} MB/s = {_fmt(ratio)}x the bound "
-               f"{sha:.0f} MB/s", _met(ratio, lambda x: x >= 0.9)),
-    ]
+    found = []
+    for key, when in (("cold", "alternating with the peers"),
+                      ("cold_at_cap", "at the cap, right after an image left the cache")):
+        cpu, mine = r.median(f"{key}.cpu_s_per_gb", IMGCACHE), r.median(f"{key}.mbps", IMGCACHE)
+        if math.isnan(cpu):
+            continue
+        ratio = _ratio(mine, sha)
+        found += [
+            Target("3", f"CPU s per cold GB (imgcache's processes) <= the sha512 cost per GB "
+                   f"measured in this run + 0.8 s; {when}",
+                   f"{cpu:.2f} s/GB; sha512 {1000 / sha:.2f} s/GB (at {sha:.0f} MB/s) + 0.8 = "
+                   f"{limit:.2f}; varnish "
+                   f"{_fmt(r.median('cold.cpu_s_per_gb', VARNISH))} s/GB", cpu <= limit),
+            Target("3", f"cold miss, 1 client, loopback (no link): >= 0.9x the sha512 bound "
+                   f"(one core); {when}", f"{_fmt(mine, '.0f')} MB/s = {_fmt(ratio)}x the "
+                   f"bound {sha:.0f} MB/s", _met(ratio, lambda x: x >= 0.9)),
+        ]
+    return found
 
 
 def _storm_race_targets(r: Results, sizes: Sizes) -> list[Target]:
@@ -349,7 +360,9 @@ def _storm_race_targets(r: Results, sizes: Sizes) -> list[Target]:
             continue
         ratio = _ratio(wall, varnish)
         found.append(Target("2", f"{label}: storm wall time <= 1.0x Varnish's",
-                            f"{wall:.2f} vs {_fmt(varnish)} s = {_fmt(ratio)}x",
+                            f"{wall:.2f} vs {_fmt(varnish)} s = {_fmt(ratio)}x; the bound "
+                            f"{_fmt(storm_bound(link)(r))} s (Varnish / bound "
+                            f"{_fmt(_ratio(varnish, storm_bound(link)(r)))}x)",
                             _met(ratio, lambda x: x <= 1.0)))
         worst += [(v, label) for v in r.get(f"{key}.ttfb_max", IMGCACHE)]
     if not found:
@@ -369,26 +382,24 @@ def _storm_race_targets(r: Results, sizes: Sizes) -> list[Target]:
 
 
 def _small_targets(r: Results) -> list[Target]:
-    """Scenario 6's targets, judged against the better of nginx proxy_cache and nginx
-    serving the file itself: the higher requests/s, the lower p99."""
+    """Scenario 6's targets, each judged twice: against nginx proxy_cache (the nginx of
+    the issue's figures, 2,577 requests/s and a 37 ms p99), and, stricter, against nginx
+    serving the file itself."""
     if not r.get("small.rps", IMGCACHE):
         return []
     rps, rps_text = _against_nginxes(r, "small.rps", ".0f")
     p99, p99_text = _against_nginxes(r, "small.p99_ms", ".1f")
-    # The better nginx has the higher requests/s (imgcache's smaller ratio) and the lower
-    # p99 (imgcache's larger ratio); NaN ratios (unmeasured) drop out of min/max.
-    low = min((x for x in rps.values() if not math.isnan(x)), default=math.nan)
-    high = max((x for x in p99.values() if not math.isnan(x)), default=math.nan)
-    return [
-        Target("6", "small hits: requests/s >= 0.8x nginx's (judged against the better "
-               "of nginx proxy_cache and nginx serving the file itself, the higher)",
-               f"{r.median('small.rps', IMGCACHE):.0f} req/s: {rps_text}",
-               _met(low, lambda x: x >= 0.8)),
-        Target("6", "small hits: latency p99 <= 1.5x nginx's (judged against the better "
-               "of the two, the lower p99)",
-               f"{r.median('small.p99_ms', IMGCACHE):.1f} ms: {p99_text}",
-               _met(high, lambda x: x <= 1.5)),
-    ]
+    found = []
+    for name, label in _NGINXES.items():
+        found += [
+            Target("6", f"small hits: requests/s >= 0.8x nginx's; judged against {label}",
+                   f"{r.median('small.rps', IMGCACHE):.0f} req/s: {rps_text}",
+                   _met(rps[name], lambda x: x >= 0.8)),
+            Target("6", f"small hits: latency p99 <= 1.5x nginx's; judged against {label}",
+                   f"{r.median('small.p99_ms', IMGCACHE):.1f} ms: {p99_text}",
+                   _met(p99[name], lambda x: x <= 1.5)),
+        ]
+    return found
 
 
 def _targets_table(found: list[Target]) -> str:

@@ -152,7 +152,7 @@ def plan(args: argparse.Namespace) -> tuple[Routes, dict[str, TestImage]]:
     images = {key: ensure_image(size, images_dir) for key, size in wanted.items()}
     routes = Routes()
     caches = 4  # imgcache, nginx, nginx-1h, varnish
-    fresh = {"hit": 3 * args.reps, "small": 0,
+    fresh = {"hit": 5 * args.reps, "small": 0,
              "storm": (caches + 1) * len(args.links) * args.reps, "big": args.reps}
     for key, image in images.items():
         if key != "real":
