@@ -109,13 +109,29 @@ def _memory() -> str:
     return "?"
 
 
+#: Feature bit of a virtio-balloon device that reports the guest's free pages to the host.
+_VIRTIO_BALLOON_F_REPORTING = 5
+
+
 def _page_reporting() -> str:
-    """Whether the kernel hands memory its guest frees back to the host (virtio free page
-    reporting), which makes the next write into that memory cost the guest far more CPU."""
+    """Whether the kernel hands the memory its guest frees back to the host (a virtio-balloon
+    device with free page reporting), which makes the next write into that memory cost the
+    guest far more CPU."""
+    devices = Path("/sys/bus/virtio/drivers/virtio_balloon").glob("virtio*/features")
+    try:
+        reporting = any(len(bits := path.read_text().strip()) > _VIRTIO_BALLOON_F_REPORTING
+                        and bits[_VIRTIO_BALLOON_F_REPORTING] == "1" for path in devices)
+    except OSError:
+        return "unknown (the virtio-balloon features cannot be read)"
+    if not reporting:
+        return "off (no virtio-balloon device reports free pages)"
     try:
         order = int(Path("/sys/module/page_reporting/parameters/page_reporting_order")
                     .read_text())
     except (OSError, ValueError):
-        return "none seen (no /sys/module/page_reporting)"
-    return (f"on: free blocks of {human_size(4096 << order)} and more go back to the host "
-            f"(page_reporting_order {order})")
+        return "on (virtio-balloon free page reporting)"
+    if not 0 <= order <= 20:
+        return f"on (virtio-balloon free page reporting, page_reporting_order {order})"
+    block = human_size(os.sysconf("SC_PAGE_SIZE") << order)
+    return (f"on: free blocks of {block} and more go back to the host (virtio-balloon, "
+            f"page_reporting_order {order})")

@@ -152,6 +152,8 @@ def plan(args: argparse.Namespace) -> tuple[Routes, dict[str, TestImage]]:
     images = {key: ensure_image(size, images_dir) for key, size in wanted.items()}
     routes = Routes()
     caches = 4  # imgcache, nginx, nginx-1h, varnish
+    # cold, per repetition: imgcache, nginx and Varnish once each, and imgcache's two fills
+    # at the cap (direct downloads use the fixed id)
     fresh = {"hit": 5 * args.reps, "small": 0,
              "storm": (caches + 1) * len(args.links) * args.reps, "big": args.reps}
     for key, image in images.items():
