@@ -603,8 +603,8 @@ def measure_cold(bench: PeerBench, names: list[str], image_key: str, reps: int,
     """Scenario 3: one client, one uncached image, through each contender (imgcache
     verifies sha512 before the last bytes go out; the peers check nothing), then imgcache
     once more at the cap (``imgcache_cold_at_cap``), with the bounds measured in the same
-    repetition: sha512 on one core, disk writes with fdatasync. Also
-    scenario 4's 1 GiB peak RSS and scenario 5's bytes written per fill."""
+    repetition: sha512 on one core, disk writes with fdatasync. Also scenario 4's 1 GiB
+    peak RSS and scenario 5's bytes written per fill."""
     res = bench.results
     fixed = bench.routes.fixed[image_key]
     size = fixed.image.size
