@@ -249,6 +249,8 @@ class ImageDataRequest:
             return self._reset(response, f"the fill failed ({failed})")
         except ClientGone:
             return self._client_gone(response)
+        except OSError as exc:
+            return self._reset(response, f"its file cannot be read ({exc})")
         await response.write_eof()
         return response
 

@@ -7,10 +7,12 @@ sendfile calls run on worker threads (they may wait on the disk), and between th
 loop waits for the socket to become writable, watching a dup of its fd because uvloop
 refuses watchers on an fd that a transport owns.
 
-Two sources, each with its own loop over one primitive (``_sendfile_until_blocked``): a
-committed cache file (``send_file``) and a file a fill is still writing (``send_growing``).
-Every call on a worker thread sends at most MAX_BYTES_PER_CALL, so that a few multi-GB
-sends never hold every thread while a small hit waits for one.
+Two sources: a committed cache file (``send_file``, always sendfile: hits go out
+zero-copy) and a file a fill is still writing (``send_growing``: copies from a window of
+``mapped_windows`` shared by the fill's readers where the fill has finished writing one,
+else sendfile; that module says why). Every call on a worker thread sends at most
+MAX_BYTES_PER_CALL, so that a few multi-GB sends never hold every thread while a small hit
+waits for one.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from aiohttp import web
 
 from imgcache.fill import Fill, FillFailed
 from imgcache.loopthreads import LoopThreads
+from imgcache.mapped_windows import MappedWindows, Window
 
 #: Most bytes one call on a sending thread sends before it hands the thread back: about
 #: 3 ms at page-cache speed, so a thread is free again within milliseconds however big the
@@ -65,10 +68,12 @@ def reset_connection(request: web.Request) -> None:
 
 
 class ZeroCopySender:
-    """Sends file ranges to aiohttp connections with sendfile(2) on its own threads."""
+    """Sends file ranges to aiohttp connections on its own threads: with sendfile(2), and
+    from the shared windows of fill files for the readers of fills."""
 
-    def __init__(self, threads: LoopThreads) -> None:
+    def __init__(self, threads: LoopThreads, windows: MappedWindows | None = None) -> None:
         self._threads = threads
+        self.windows = windows if windows is not None else MappedWindows()
 
     async def send_file(self, request: web.Request, fd: int, start: int, end: int,
                         size: int, on_sent: Callable[[int], None]) -> bool:
@@ -97,18 +102,21 @@ class ZeroCopySender:
         soon as it is on disk, the last ones only once the fill is verified. Raises
         FillFailed (after sending what was allowed) if the fill fails."""
         loop = asyncio.get_running_loop()
-        async with _ClientSocket(request) as out_fd:
-            position = start
-            while position < end:
-                if fill.readable_until(end) <= position:
-                    await fill.wait_for_progress()
-                    continue
-                sent, blocked = await self.run_on_thread(
-                    _send_while_growing, out_fd, fd, position, end, fill)
-                position += sent
-                on_sent(sent)
-                if blocked:
-                    await _writable(loop, out_fd)
+        reader = _FillReader(self.windows, fill, fd)
+        try:
+            async with _ClientSocket(request) as out_fd:
+                position = start
+                while position < end:
+                    if fill.readable_until(end) <= position:
+                        await fill.wait_for_progress()
+                        continue
+                    sent, blocked = await self.run_on_thread(reader.send, out_fd, position, end)
+                    position += sent
+                    on_sent(sent)
+                    if blocked:
+                        await _writable(loop, out_fd)
+        finally:
+            reader.close()  # no step runs: each ran to completion (run_on_thread)
 
     async def run_on_thread(self, func: Callable[..., T], *args: object) -> T:
         """Run one sending step on a sending thread, to completion (see
@@ -154,28 +162,81 @@ def _check_then_send(out_fd: int, in_fd: int, start: int, end: int,
     return (*_sendfile_until_blocked(out_fd, in_fd, start, end, True), status.st_nlink > 0)
 
 
-def _send_while_growing(out_fd: int, in_fd: int, start: int, end: int,
-                        fill: Fill) -> tuple[int, bool]:
-    """Runs on a worker thread: send what ``fill`` allows and go on with what it writes
-    meanwhile, until done, caught up, the socket is full or MAX_BYTES_PER_CALL went out.
-    Returns bytes sent and whether the socket would block; a failed fill is raised only
-    once no byte was sent (the caller looks again, so that the bytes that left are always
-    counted)."""
-    position = start
-    budget_end = min(end, start + MAX_BYTES_PER_CALL)
-    while position < budget_end:
-        try:
-            limit = min(fill.readable_until(end), budget_end)
-        except FillFailed:
-            if position > start:
+class _FillReader:
+    """One reader's sending of a fill's file: copies from the shared window holding the next
+    byte when the fill has finished writing it, else sendfile. Its steps run on sending
+    threads, one at a time; it holds at most one window, until it moves past it or closes."""
+
+    def __init__(self, windows: MappedWindows, fill: Fill, fd: int) -> None:
+        self._windows = windows
+        self._fill = fill
+        self._fd = fd
+        self._held: Window | None = None
+
+    def send(self, out_fd: int, start: int, end: int) -> tuple[int, bool]:
+        """Runs on a worker thread: send what the fill allows and go on with what it writes
+        meanwhile, until done, caught up, the socket is full or MAX_BYTES_PER_CALL went out.
+        Returns bytes sent and whether the socket would block; a failed fill is raised only
+        once no byte was sent (the caller looks again, so that the bytes that left are
+        always counted)."""
+        position = start
+        budget_end = min(end, start + MAX_BYTES_PER_CALL)
+        while position < budget_end:
+            try:
+                limit = min(self._fill.readable_until(end), budget_end)
+            except FillFailed:
+                if position > start:
+                    break
+                raise
+            if limit <= position:
                 break
-            raise
-        if limit <= position:
-            break
-        sent, blocked = _sendfile_until_blocked(out_fd, in_fd, position, limit, False)
-        position += sent
-        if blocked:
+            window = self._window_at(position)
+            if window is None:
+                sent, blocked = _sendfile_until_blocked(out_fd, self._fd, position, limit,
+                                                        False)
+            else:
+                sent, blocked = _write_until_blocked(out_fd, window, position,
+                                                     min(limit, window.end))
+            position += sent
+            if blocked:
+                return position - start, True
+        return position - start, False
+
+    def close(self) -> None:
+        """The reader is done: let go of its window."""
+        if self._held is not None:
+            self._windows.drop(self._held)
+            self._held = None
+
+    def _window_at(self, position: int) -> Window | None:
+        held = self._held
+        if held is not None and held.start <= position < held.end:
+            return held
+        self.close()
+        fill = self._fill
+        self._held = self._windows.hold(fill, self._fd, position, fill.written,
+                                        fill.expected.size)
+        return self._held
+
+
+def _write_until_blocked(out_fd: int, window: Window, start: int,
+                         end: int) -> tuple[int, bool]:
+    """Runs on a worker thread: write bytes ``start``..``end`` of the file from ``window``
+    until done or the socket is full. Returns bytes sent and whether the socket would
+    block. Raises OSError (EIO) when a page of the window cannot be read."""
+    position = start
+    while position < end:
+        try:
+            position += os.write(out_fd, window.view[position - window.start:
+                                                     end - window.start])
+        except BlockingIOError:
             return position - start, True
+        except OSError as exc:
+            _raise_if_client_gone(exc)
+            if exc.errno == errno.EFAULT:
+                raise OSError(errno.EIO, f"bytes {position}..{end} of the file cannot be read "
+                                         "(truncated under its readers, or a disk error)") from exc
+            raise
     return position - start, False
 
 
@@ -194,13 +255,18 @@ def _sendfile_until_blocked(out_fd: int, in_fd: int, start: int, end: int,
                 continue
             return position - start, True
         except OSError as exc:
-            if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
-                raise ConnectionResetError(exc.errno, "client went away") from exc
+            _raise_if_client_gone(exc)
             raise
         if sent == 0:
             raise OSError(errno.EIO, f"file ended at {position}, expected {end} bytes")
         position += sent
     return position - start, False
+
+
+def _raise_if_client_gone(exc: OSError) -> None:
+    """ConnectionResetError, if ``exc`` (from a write to a client) says it went away."""
+    if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+        raise ConnectionResetError(exc.errno, "client went away") from exc
 
 
 def _writable_soon(fd: int) -> bool:

@@ -1,0 +1,189 @@
+"""Shared read-only windows of fill files: mapped only over finished bytes, shared by their
+readers, bounded, unmapped by the last holder, and never a way to kill the process."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import aiohttp
+import pytest
+from inloop import TOKEN, Imgcache
+
+from imgcache.mapped_windows import MappedWindows, Window
+from imgcache.standin import GlanceStandin, StandinImage
+
+MiB = 1 << 20
+WINDOW = MiB
+SIZE = 3 * WINDOW + 12345  # the last window is short
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Iterator[tuple[Path, int, bytes]]:
+    """A file of SIZE random bytes, open read-only: path, fd, content."""
+    path = tmp_path / "partial"
+    content = os.urandom(SIZE)
+    path.write_bytes(content)
+    fd = os.open(path, os.O_RDONLY)
+    yield path, fd, content
+    os.close(fd)
+
+
+def mapped_paths() -> set[str]:
+    """The files this process maps now."""
+    with open("/proc/self/maps") as maps:
+        return {line.split(maxsplit=5)[5].strip() for line in maps
+                if len(line.split(maxsplit=5)) == 6}
+
+
+def sent_through_a_socket(window: Window, start: int, end: int) -> bytes:
+    """Bytes ``start``..``end`` of the file as the kernel copies them from ``window``."""
+    near, far = socket.socketpair()
+    with near, far, ThreadPoolExecutor(1) as reader:
+        received = reader.submit(lambda: b"".join(iter(lambda: far.recv(1 << 20), b"")))
+        near.sendall(window.view[start - window.start:end - window.start])
+        near.shutdown(socket.SHUT_WR)
+        return received.result(timeout=30)
+
+
+def test_a_window_is_mapped_only_once_the_writer_finished_it(
+        image: tuple[Path, int, bytes]) -> None:
+    _, fd, content = image
+    windows = MappedWindows(WINDOW, 8 * WINDOW)
+    assert windows.hold("fill", fd, WINDOW + 5, 2 * WINDOW - 1, SIZE) is None
+    window = windows.hold("fill", fd, WINDOW + 5, 2 * WINDOW, SIZE)
+    assert window is not None
+    assert (window.start, window.end) == (WINDOW, 2 * WINDOW)
+    assert sent_through_a_socket(window, WINDOW + 5, 2 * WINDOW) == content[WINDOW + 5:2 * WINDOW]
+    # The last window ends with the file, and is mapped only once the file is whole.
+    assert windows.hold("fill", fd, SIZE - 1, SIZE - 1, SIZE) is None
+    last = windows.hold("fill", fd, SIZE - 1, SIZE, SIZE)
+    assert last is not None and (last.start, last.end) == (3 * WINDOW, SIZE)
+    assert sent_through_a_socket(last, 3 * WINDOW, SIZE) == content[3 * WINDOW:]
+    assert windows.hold("fill", fd, SIZE, SIZE, SIZE) is None  # past the end
+    windows.drop(window)
+    windows.drop(last)
+
+
+def test_readers_share_a_window_and_the_last_one_unmaps_it(
+        image: tuple[Path, int, bytes]) -> None:
+    path, fd, _ = image
+    windows = MappedWindows(WINDOW, 8 * WINDOW)
+    first = windows.hold("fill", fd, 10, SIZE, SIZE)
+    second = windows.hold("fill", fd, WINDOW - 1, SIZE, SIZE)
+    assert first is second is not None
+    assert windows.mapped_bytes == WINDOW
+    assert str(path) in mapped_paths()
+    windows.drop(first)
+    assert windows.mapped_bytes == WINDOW and str(path) in mapped_paths()
+    windows.drop(second)
+    assert windows.mapped_bytes == 0
+    assert str(path) not in mapped_paths()
+    # Another file's window of the same index is another window.
+    mine, theirs = windows.hold("fill", fd, 0, SIZE, SIZE), windows.hold("other", fd, 0, SIZE,
+                                                                          SIZE)
+    assert mine is not None and theirs is not None and mine is not theirs
+    windows.drop(mine)
+    windows.drop(theirs)
+    assert windows.mapped_bytes == 0
+
+
+def test_no_more_than_the_bound_is_mapped(image: tuple[Path, int, bytes]) -> None:
+    _, fd, _ = image
+    windows = MappedWindows(WINDOW, 2 * WINDOW)
+    first = windows.hold("fill", fd, 0, SIZE, SIZE)
+    second = windows.hold("fill", fd, WINDOW, SIZE, SIZE)
+    assert first is not None and second is not None
+    assert windows.hold("fill", fd, 2 * WINDOW, SIZE, SIZE) is None
+    # A window already mapped is still shared at the bound.
+    again = windows.hold("fill", fd, 0, SIZE, SIZE)
+    assert again is first
+    windows.drop(again)
+    windows.drop(first)
+    third = windows.hold("fill", fd, 2 * WINDOW, SIZE, SIZE)
+    assert third is not None and windows.mapped_bytes == 2 * WINDOW
+    windows.drop(second)
+    windows.drop(third)
+    assert windows.mapped_bytes == 0
+
+
+def test_a_file_shorter_than_its_window_is_not_mapped(image: tuple[Path, int, bytes]) -> None:
+    path, fd, _ = image
+    os.truncate(path, WINDOW)
+    windows = MappedWindows(WINDOW, 8 * WINDOW)
+    assert windows.hold("fill", fd, WINDOW, SIZE, SIZE) is None
+    assert windows.mapped_bytes == 0
+
+
+def test_a_window_truncated_under_its_holder_fails_the_write_not_the_process(
+        image: tuple[Path, int, bytes]) -> None:
+    path, fd, _ = image
+    windows = MappedWindows(WINDOW, 8 * WINDOW)
+    window = windows.hold("fill", fd, WINDOW, SIZE, SIZE)
+    assert window is not None
+    os.truncate(path, 0)
+    near, far = socket.socketpair()
+    with near, far, pytest.raises(OSError) as raised:
+        os.write(near.fileno(), window.view[:WINDOW // 2])
+    assert raised.value.errno == 14  # EFAULT: a read from Python would have been SIGBUS
+    windows.drop(window)
+    assert windows.mapped_bytes == 0
+
+
+# -- end to end: the readers of a fill, through a real imgcache app ------------------------
+
+
+async def _reader_holding_a_window(imgcache: Imgcache, image: StandinImage,
+                                   resp: aiohttp.ClientResponse) -> tuple[bytearray, Path]:
+    """Read a little, let the fill finish writing and commit, read a little more, and return
+    once the reader's sender holds a window of the committed file (it then waits for the
+    client to read on): the bytes read so far and the file's path."""
+    body = bytearray(await resp.content.readexactly(64 << 10))
+    await imgcache.wait_for_metric('imgcache_fills_total{outcome="committed"}', 1)
+    [name] = await imgcache.data_files()
+    path = imgcache.cache_dir / "data" / name
+    windows = imgcache.services.sender.windows
+    async with asyncio.timeout(30):
+        while not (windows.mapped_bytes and str(path) in await asyncio.to_thread(mapped_paths)):
+            body += await resp.content.readexactly(64 << 10)
+            await asyncio.sleep(0.05)
+    assert len(body) < image.size
+    return body, path
+
+
+async def test_a_reader_behind_the_fill_is_sent_from_a_window_then_nothing_stays_mapped(
+    glance: GlanceStandin, imgcache: Imgcache
+) -> None:
+    image = await glance.add_image(size=48 * MiB)
+    async with imgcache.session.get(imgcache.data_url(image.id),
+                                    headers={"X-Auth-Token": TOKEN}) as resp:
+        assert resp.headers["X-Cache-Status"] == "MISS"
+        body, path = await _reader_holding_a_window(imgcache, image, resp)
+        body += await resp.read()
+    assert hashlib.sha512(body).hexdigest() == image.os_hash_value
+    await imgcache.wait_for_metric('imgcache_requests_total{result="miss"}', 1)
+    assert imgcache.services.sender.windows.mapped_bytes == 0
+    assert str(path) not in await asyncio.to_thread(mapped_paths)
+
+
+async def test_a_file_truncated_under_a_reader_s_window_resets_that_reader_only(
+    glance: GlanceStandin, imgcache: Imgcache
+) -> None:
+    image = await glance.add_image(size=48 * MiB)
+    async with imgcache.session.get(imgcache.data_url(image.id),
+                                    headers={"X-Auth-Token": TOKEN}) as resp:
+        body, path = await _reader_holding_a_window(imgcache, image, resp)
+        await asyncio.to_thread(os.truncate, path, 0)
+        with pytest.raises(aiohttp.ClientPayloadError):
+            body += await resp.read()
+    await imgcache.wait_for_metric('imgcache_requests_total{result="error"}', 1)
+    assert imgcache.services.sender.windows.mapped_bytes == 0
+    # The process lives on (no SIGBUS): the next client gets the whole image, fetched again.
+    status, headers, fresh = await imgcache.get(image.id)
+    assert (status, headers["X-Cache-Status"]) == (200, "MISS")
+    assert hashlib.sha512(fresh).hexdigest() == image.os_hash_value
