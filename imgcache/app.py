@@ -37,7 +37,7 @@ from imgcache.notify import SystemdNotifier
 from imgcache.openfiles import OpenFiles
 from imgcache.predictions import Predictions
 from imgcache.prefetch import Prefetcher
-from imgcache.responses import ZeroCopySender
+from imgcache.responses import FileSender
 from imgcache.store import Store
 from imgcache.threadpool import SparePool
 from imgcache.tier import Tier
@@ -167,7 +167,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
                 store=store,
                 open_files=open_files,
                 fills=fills,
-                sender=ZeroCopySender(senders),
+                sender=FileSender(senders, metrics),
                 metrics=metrics,
                 prefetcher=Prefetcher(authorizer, store, fills, metrics,
                                       settings.prefetch_concurrency),

@@ -79,7 +79,8 @@ class Fill:
 
     Who writes what: ``written`` is raised by the fill's writer thread (``add_written``);
     every other field changes on the loop, through the methods the registry calls. Readers'
-    sending threads read ``written`` and the state through ``readable_until``.
+    sending threads read the state through ``readable_until``, and ``written`` also directly
+    (whether a window of the file is finished: ``mapped_windows``).
     """
 
     def __init__(self, image_id: str, expected: Expected, path: os.PathLike[str],

@@ -28,7 +28,7 @@ from imgcache.openfiles import OpenFiles
 from imgcache.passthrough import forward, pass_through, relay
 from imgcache.prefetch import Prefetcher
 from imgcache.ranges import ByteRange, requested_range
-from imgcache.responses import ClientGone, ZeroCopySender, reset_connection
+from imgcache.responses import ClientGone, FileSender, reset_connection
 from imgcache.sources import CachedFile, GrowingFile, open_source
 from imgcache.store import Store
 from imgcache.threads import run_to_completion
@@ -58,7 +58,7 @@ class Services:
     store: Store
     open_files: OpenFiles
     fills: FillRegistry
-    sender: ZeroCopySender
+    sender: FileSender
     metrics: Metrics
     prefetcher: Prefetcher
     verifier: Verifier

@@ -18,6 +18,8 @@ VERIFY_METHODS = ("os_hash", "checksum", "size_only")
 PREDICTED_CAP_FACTORS = ("0.5", "1", "2", "4")
 #: Windows of imgcache_working_set_bytes (durations as the config writes them).
 WORKING_SET_WINDOWS = ("1d", "7d")
+#: Labels of imgcache_fill_reader_bytes_total: how bytes went to the readers of a fill.
+FILL_READER_SENDS = ("mapped", "sendfile")
 #: Kinds of imgcache_tier_failures_total: what went wrong at a tier node.
 TIER_FAILURES = ("connect", "timeout", "broken", "status", "refused", "bad_answer", "size",
                  "checksum")
@@ -44,6 +46,15 @@ class Metrics:
             "imgcache_fill_resumes", "Fills that continued after a broken transfer: by a "
             "Range request (range) or by downloading again and skipping (restart).",
             ["how"], registry=r)
+        self.fill_reader_bytes = Counter(
+            "imgcache_fill_reader_bytes", "Image bytes sent to the readers of downloads in "
+            "flight (MISS, COALESCED), by how: as copies from mappings shared by the readers "
+            "(mapped) or with sendfile.", ["how"], registry=r)
+        for how in FILL_READER_SENDS:
+            self.fill_reader_bytes.labels(how)
+        self.mapped_bytes = Gauge(
+            "imgcache_mapped_bytes", "Bytes of image files mapped now for the readers of "
+            "downloads in flight (counted in the RSS; at most 32 MiB).", registry=r)
         self.fills_in_progress = Gauge(
             "imgcache_fills_in_progress", "Fills downloading now.", registry=r)
         self.cache_bytes = Gauge(

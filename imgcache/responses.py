@@ -1,14 +1,13 @@
-"""Sending image bytes from files to clients with sendfile(2), under uvloop too, and ending
-failed responses with a reset.
+"""Sending image bytes from files to clients, under uvloop too, and ending failed
+responses with a reset.
 
 uvloop has no ``loop.sendfile`` (uvloop issue 228), so aiohttp's FileResponse silently
-copies through user space there. This module sends straight from the page cache: the
-sendfile calls run on worker threads (they may wait on the disk), and between them the
-loop waits for the socket to become writable, watching a dup of its fd because uvloop
-refuses watchers on an fd that a transport owns.
+copies through user space there. This module sends on worker threads (they may wait on the
+disk), and between their calls the loop waits for the socket to become writable, watching a
+dup of its fd because uvloop refuses watchers on an fd that a transport owns.
 
-Two sources: a committed cache file (``send_file``, always sendfile: hits go out
-zero-copy) and a file a fill is still writing (``send_growing``: copies from a window of
+Two sources: a committed cache file (``send_file``: sendfile(2) from the page cache, hits go
+out zero-copy) and a file a fill is still writing (``send_growing``: copies from a window of
 ``mapped_windows`` shared by the fill's readers where the fill has finished writing one,
 else sendfile; that module says why). Every call on a worker thread sends at most
 MAX_BYTES_PER_CALL, so that a few multi-GB sends never hold every thread while a small hit
@@ -32,6 +31,7 @@ from aiohttp import web
 from imgcache.fill import Fill, FillFailed
 from imgcache.loopthreads import LoopThreads
 from imgcache.mapped_windows import MappedWindows, Window
+from imgcache.metrics import Metrics
 
 #: Most bytes one call on a sending thread sends before it hands the thread back: about
 #: 3 ms at page-cache speed, so a thread is free again within milliseconds however big the
@@ -67,13 +67,16 @@ def reset_connection(request: web.Request) -> None:
     transport.abort()
 
 
-class ZeroCopySender:
+class FileSender:
     """Sends file ranges to aiohttp connections on its own threads: with sendfile(2), and
-    from the shared windows of fill files for the readers of fills."""
+    to the readers of fills from the windows of their files they share."""
 
-    def __init__(self, threads: LoopThreads, windows: MappedWindows | None = None) -> None:
+    def __init__(self, threads: LoopThreads, metrics: Metrics) -> None:
         self._threads = threads
-        self.windows = windows if windows is not None else MappedWindows()
+        self.windows = MappedWindows()
+        self._mapped_sent = metrics.fill_reader_bytes.labels("mapped")
+        self._sendfile_sent = metrics.fill_reader_bytes.labels("sendfile")
+        metrics.mapped_bytes.set_function(lambda: self.windows.mapped_bytes)
 
     async def send_file(self, request: web.Request, fd: int, start: int, end: int,
                         size: int, on_sent: Callable[[int], None]) -> bool:
@@ -102,21 +105,54 @@ class ZeroCopySender:
         soon as it is on disk, the last ones only once the fill is verified. Raises
         FillFailed (after sending what was allowed) if the fill fails."""
         loop = asyncio.get_running_loop()
-        reader = _FillReader(self.windows, fill, fd)
-        try:
-            async with _ClientSocket(request) as out_fd:
-                position = start
-                while position < end:
-                    if fill.readable_until(end) <= position:
-                        await fill.wait_for_progress()
-                        continue
-                    sent, blocked = await self.run_on_thread(reader.send, out_fd, position, end)
-                    position += sent
-                    on_sent(sent)
-                    if blocked:
-                        await _writable(loop, out_fd)
-        finally:
-            reader.close()  # no step runs: each ran to completion (run_on_thread)
+        async with _ClientSocket(request) as out_fd:
+            position = start
+            while position < end:
+                if fill.readable_until(end) <= position:
+                    await fill.wait_for_progress()
+                    continue
+                sent, blocked = await self.run_on_thread(
+                    self._send_while_growing, out_fd, fd, position, end, fill)
+                position += sent
+                on_sent(sent)
+                if blocked:
+                    await _writable(loop, out_fd)
+
+    def _send_while_growing(self, out_fd: int, in_fd: int, start: int, end: int,
+                            fill: Fill) -> tuple[int, bool]:
+        """Runs on a worker thread: send what ``fill`` allows and go on with what it writes
+        meanwhile, until done, caught up, the socket is full or MAX_BYTES_PER_CALL went out;
+        from the shared window holding the next byte when the fill has finished writing it,
+        else with sendfile. A window is held only while this call sends from it: a reader
+        waiting for its client or for the fill holds none. Returns bytes sent and whether the
+        socket would block; a failed fill is raised only once no byte was sent (the caller
+        looks again, so that the bytes that left are always counted)."""
+        position = start
+        budget_end = min(end, start + MAX_BYTES_PER_CALL)
+        while position < budget_end:
+            try:
+                limit = min(fill.readable_until(end), budget_end)
+            except FillFailed:
+                if position > start:
+                    break
+                raise
+            if limit <= position:
+                break
+            window = self.windows.hold(fill, in_fd, position, fill.written, fill.expected.size)
+            if window is None:
+                sent, blocked = _sendfile_until_blocked(out_fd, in_fd, position, limit, False)
+                self._sendfile_sent.inc(sent)
+            else:
+                try:
+                    sent, blocked = _write_until_blocked(out_fd, window, position,
+                                                         min(limit, window.end))
+                finally:
+                    self.windows.drop(window)
+                self._mapped_sent.inc(sent)
+            position += sent
+            if blocked:
+                return position - start, True
+        return position - start, False
 
     async def run_on_thread(self, func: Callable[..., T], *args: object) -> T:
         """Run one sending step on a sending thread, to completion (see
@@ -160,63 +196,6 @@ def _check_then_send(out_fd: int, in_fd: int, start: int, end: int,
         raise OSError(errno.ESTALE, f"the cached file has {status.st_size} bytes, "
                                     f"{size} were committed")
     return (*_sendfile_until_blocked(out_fd, in_fd, start, end, True), status.st_nlink > 0)
-
-
-class _FillReader:
-    """One reader's sending of a fill's file: copies from the shared window holding the next
-    byte when the fill has finished writing it, else sendfile. Its steps run on sending
-    threads, one at a time; it holds at most one window, until it moves past it or closes."""
-
-    def __init__(self, windows: MappedWindows, fill: Fill, fd: int) -> None:
-        self._windows = windows
-        self._fill = fill
-        self._fd = fd
-        self._held: Window | None = None
-
-    def send(self, out_fd: int, start: int, end: int) -> tuple[int, bool]:
-        """Runs on a worker thread: send what the fill allows and go on with what it writes
-        meanwhile, until done, caught up, the socket is full or MAX_BYTES_PER_CALL went out.
-        Returns bytes sent and whether the socket would block; a failed fill is raised only
-        once no byte was sent (the caller looks again, so that the bytes that left are
-        always counted)."""
-        position = start
-        budget_end = min(end, start + MAX_BYTES_PER_CALL)
-        while position < budget_end:
-            try:
-                limit = min(self._fill.readable_until(end), budget_end)
-            except FillFailed:
-                if position > start:
-                    break
-                raise
-            if limit <= position:
-                break
-            window = self._window_at(position)
-            if window is None:
-                sent, blocked = _sendfile_until_blocked(out_fd, self._fd, position, limit,
-                                                        False)
-            else:
-                sent, blocked = _write_until_blocked(out_fd, window, position,
-                                                     min(limit, window.end))
-            position += sent
-            if blocked:
-                return position - start, True
-        return position - start, False
-
-    def close(self) -> None:
-        """The reader is done: let go of its window."""
-        if self._held is not None:
-            self._windows.drop(self._held)
-            self._held = None
-
-    def _window_at(self, position: int) -> Window | None:
-        held = self._held
-        if held is not None and held.start <= position < held.end:
-            return held
-        self.close()
-        fill = self._fill
-        self._held = self._windows.hold(fill, self._fd, position, fill.written,
-                                        fill.expected.size)
-        return self._held
 
 
 def _write_until_blocked(out_fd: int, window: Window, start: int,

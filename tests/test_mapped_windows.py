@@ -4,6 +4,7 @@ readers, bounded, unmapped by the last holder, and never a way to kill the proce
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import socket
@@ -14,9 +15,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 from inloop import TOKEN, Imgcache
+from rawhttp import RESET, raw_get
 
-from imgcache.mapped_windows import MappedWindows, Window
-from imgcache.standin import GlanceStandin, StandinImage
+from imgcache.fill import HOLD_BACK_BYTES
+from imgcache.mapped_windows import WINDOW_BYTES, MappedWindows, Window
+from imgcache.standin import Fault, GlanceStandin
 
 MiB = 1 << 20
 WINDOW = MiB
@@ -130,7 +133,7 @@ def test_a_window_truncated_under_its_holder_fails_the_write_not_the_process(
     near, far = socket.socketpair()
     with near, far, pytest.raises(OSError) as raised:
         os.write(near.fileno(), window.view[:WINDOW // 2])
-    assert raised.value.errno == 14  # EFAULT: a read from Python would have been SIGBUS
+    assert raised.value.errno == errno.EFAULT  # a read from Python would have been SIGBUS
     windows.drop(window)
     assert windows.mapped_bytes == 0
 
@@ -138,52 +141,57 @@ def test_a_window_truncated_under_its_holder_fails_the_write_not_the_process(
 # -- end to end: the readers of a fill, through a real imgcache app ------------------------
 
 
-async def _reader_holding_a_window(imgcache: Imgcache, image: StandinImage,
-                                   resp: aiohttp.ClientResponse) -> tuple[bytearray, Path]:
-    """Read a little, let the fill finish writing and commit, read a little more, and return
-    once the reader's sender holds a window of the committed file (it then waits for the
-    client to read on): the bytes read so far and the file's path."""
-    body = bytearray(await resp.content.readexactly(64 << 10))
-    await imgcache.wait_for_metric('imgcache_fills_total{outcome="committed"}', 1)
-    [name] = await imgcache.data_files()
-    path = imgcache.cache_dir / "data" / name
-    windows = imgcache.services.sender.windows
-    async with asyncio.timeout(30):
-        while not (windows.mapped_bytes and str(path) in await asyncio.to_thread(mapped_paths)):
-            body += await resp.content.readexactly(64 << 10)
-            await asyncio.sleep(0.05)
-    assert len(body) < image.size
-    return body, path
+async def test_readers_behind_a_fill_in_flight_are_sent_from_windows_never_its_tail(
+    glance: GlanceStandin, imgcache: Imgcache
+) -> None:
+    # Three whole windows and a short one; the held-back tail spans the last two. Glance
+    # sends all but the last byte, pauses 2 s with the third window written, then sends
+    # the last byte; a byte near the end is wrong, so the fill fails verification.
+    size = 3 * WINDOW_BYTES + 100
+    image = await glance.add_image(size=size)
+    assert image.path is not None
+    glance.faults[image.id] = Fault(rate=8 * MiB, stall_at=size - 1, stall_seconds=2,
+                                    corrupt_at=size - 50)
+    path = f"/v2/images/{image.id}/file"
+    headers = {"X-Auth-Token": TOKEN}
+    first = asyncio.create_task(raw_get(imgcache.url, path, headers))
+    await asyncio.sleep(0.8)  # about two windows written: the next readers start behind
+    late = [asyncio.create_task(raw_get(imgcache.url, path, headers)) for _ in range(2)]
+    ranged = asyncio.create_task(raw_get(imgcache.url, path, {
+        **headers, "Range": f"bytes={WINDOW_BYTES - 5}-{2 * WINDOW_BYTES + 5}"}))
+    answers = await asyncio.gather(first, *late)
+    content = await asyncio.to_thread(image.path.read_bytes)
+    for answer in answers:
+        assert answer.ending == RESET
+        assert len(answer.body) <= size - HOLD_BACK_BYTES
+        assert answer.body == content[:len(answer.body)]
+    # A range is held back and reset the same way; what it got is right.
+    partial = await ranged
+    assert (partial.status, partial.ending) == (206, RESET)
+    assert len(partial.body) <= WINDOW_BYTES + 11 - HOLD_BACK_BYTES
+    assert partial.body == content[WINDOW_BYTES - 5:WINDOW_BYTES - 5 + len(partial.body)]
+    metrics = await imgcache.metrics()
+    assert metrics['imgcache_fill_reader_bytes_total{how="mapped"}'] > 0
+    assert metrics["imgcache_mapped_bytes"] == 0
 
 
-async def test_a_reader_behind_the_fill_is_sent_from_a_window_then_nothing_stays_mapped(
+async def test_a_file_truncated_under_its_readers_resets_them_and_the_next_client_is_served(
     glance: GlanceStandin, imgcache: Imgcache
 ) -> None:
     image = await glance.add_image(size=48 * MiB)
     async with imgcache.session.get(imgcache.data_url(image.id),
                                     headers={"X-Auth-Token": TOKEN}) as resp:
         assert resp.headers["X-Cache-Status"] == "MISS"
-        body, path = await _reader_holding_a_window(imgcache, image, resp)
-        body += await resp.read()
-    assert hashlib.sha512(body).hexdigest() == image.os_hash_value
-    await imgcache.wait_for_metric('imgcache_requests_total{result="miss"}', 1)
-    assert imgcache.services.sender.windows.mapped_bytes == 0
-    assert str(path) not in await asyncio.to_thread(mapped_paths)
-
-
-async def test_a_file_truncated_under_a_reader_s_window_resets_that_reader_only(
-    glance: GlanceStandin, imgcache: Imgcache
-) -> None:
-    image = await glance.add_image(size=48 * MiB)
-    async with imgcache.session.get(imgcache.data_url(image.id),
-                                    headers={"X-Auth-Token": TOKEN}) as resp:
-        body, path = await _reader_holding_a_window(imgcache, image, resp)
-        await asyncio.to_thread(os.truncate, path, 0)
+        body = await resp.content.readexactly(64 << 10)  # then the socket fills up
+        await imgcache.wait_for_metric('imgcache_fills_total{outcome="committed"}', 1)
+        [name] = await imgcache.data_files()
+        await asyncio.to_thread(os.truncate, imgcache.cache_dir / "data" / name, 0)
         with pytest.raises(aiohttp.ClientPayloadError):
             body += await resp.read()
     await imgcache.wait_for_metric('imgcache_requests_total{result="error"}', 1)
-    assert imgcache.services.sender.windows.mapped_bytes == 0
-    # The process lives on (no SIGBUS): the next client gets the whole image, fetched again.
+    metrics = await imgcache.metrics()
+    assert metrics['imgcache_fill_reader_bytes_total{how="mapped"}'] > 0
+    assert metrics["imgcache_mapped_bytes"] == 0
     status, headers, fresh = await imgcache.get(image.id)
     assert (status, headers["X-Cache-Status"]) == (200, "MISS")
     assert hashlib.sha512(fresh).hexdigest() == image.os_hash_value

@@ -14,7 +14,8 @@ import pytest
 from aiohttp import web
 
 from imgcache.loopthreads import LoopThreads
-from imgcache.responses import MAX_BYTES_PER_CALL, ZeroCopySender
+from imgcache.metrics import Metrics
+from imgcache.responses import MAX_BYTES_PER_CALL, FileSender
 
 MiB = 1 << 20
 
@@ -45,9 +46,9 @@ def one_thread() -> Iterator[LoopThreads]:
 async def one_thread_server(
     files: dict[str, tuple[int, int]], one_thread: LoopThreads
 ) -> AsyncIterator[tuple[str, list[str]]]:
-    """An aiohttp server sending the files with a ZeroCopySender on ONE thread; yields its
+    """An aiohttp server sending the files with a FileSender on ONE thread; yields its
     URL and the order in which sends finished."""
-    sender = ZeroCopySender(one_thread)
+    sender = FileSender(one_thread, Metrics())
     finished: list[str] = []
     fds = {name: fd for name, (fd, _) in files.items()}
     sizes = {name: size for name, (_, size) in files.items()}
