@@ -20,10 +20,11 @@ step finding no room sends with sendfile.
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import math
 import mmap
 import threading
+import time
 from collections.abc import Hashable
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,13 @@ WINDOW_BYTES = 4 << 20
 #: Bound of the bytes mapped at once, over every file (the readers of a storm share a few
 #: windows: they move through the image together).
 MAX_MAPPED_BYTES = 32 << 20
+#: How a sending step sends: from a window (MAPPED), else with sendfile because the window
+#: is not finished, there is no room under MAX_MAPPED_BYTES, or mapping failed. The labels
+#: of imgcache_fill_reader_bytes_total.
+MAPPED, UNFINISHED, NO_ROOM, MAP_FAILED = "mapped", "unfinished", "no_room", "map_failed"
+HOW_SENT = (MAPPED, UNFINISHED, NO_ROOM, MAP_FAILED)
+#: Seconds between two warnings about files that cannot be mapped.
+WARNING_INTERVAL = 60.0
 
 
 class Window:
@@ -58,27 +66,27 @@ class Window:
     def unmap(self) -> None:
         """Give the mapping back (no holder is left)."""
         self.view.release()
-        # Something may still hold a slice of the view: a tracer keeping a failed write's
-        # frames alive (the tests' blockbuster wraps os.write, and its frame holds the
-        # arguments). The mapping then goes with the last slice.
-        with contextlib.suppress(BufferError):
-            self._mapping.close()
+        self._mapping.close()
 
 
 class MappedWindows:
-    """The windows mapped now, each shared by the readers holding it. Safe on any thread."""
+    """The windows mapped now, each shared by the readers holding it. Used on the sending
+    threads only (mapping and unmapping happen under its lock, never on the event loop)."""
 
     def __init__(self, window_bytes: int = WINDOW_BYTES,
                  max_bytes: int = MAX_MAPPED_BYTES) -> None:
         if window_bytes <= 0 or window_bytes % mmap.ALLOCATIONGRANULARITY:
             raise ValueError(f"a window of {window_bytes} bytes is not a positive multiple "
                              f"of {mmap.ALLOCATIONGRANULARITY}")
+        if max_bytes < window_bytes:
+            raise ValueError(f"a bound of {max_bytes} bytes leaves no room for one window "
+                             f"of {window_bytes}")
         self._window_bytes = window_bytes
         self._max_bytes = max_bytes
-        self._mapped = 0  # bytes of the windows mapped or being mapped
+        self._mapped = 0
         self._windows: dict[tuple[Hashable, int], Window] = {}
         self._lock = threading.Lock()
-        self._warned = False
+        self._last_warning = -math.inf
 
     @property
     def mapped_bytes(self) -> int:
@@ -86,43 +94,33 @@ class MappedWindows:
         return self._mapped
 
     def hold(self, key: Hashable, fd: int, position: int, written: int,
-             size: int) -> Window | None:
+             size: int) -> tuple[Window | None, str]:
         """The window holding byte ``position`` of the file ``key`` (``size`` bytes, of which
-        the first ``written`` are written), with one more holder; mapped from ``fd`` if no
-        reader holds it yet. None when the writer has not finished that window, when
-        mapping it would pass the bound, or when the file cannot be mapped (the caller
-        sends with sendfile then). Runs on a sending thread: it may map."""
+        the first ``written`` are written), with one more holder, mapped from ``fd`` if
+        nobody holds it yet; and MAPPED. Else None (the caller sends with sendfile) and why:
+        UNFINISHED (the writer has not written all of that window), NO_ROOM (mapping it
+        would pass the bound) or MAP_FAILED (the file cannot be mapped)."""
         if position >= size:
-            return None
+            return None, UNFINISHED
         index = position // self._window_bytes
         start = index * self._window_bytes
         length = min(self._window_bytes, size - start)
         if written < start + length:
-            return None
+            return None, UNFINISHED
         with self._lock:
             window = self._windows.get((key, index))
-            if window is not None:
-                window.holders += 1
-                return window
-            if self._mapped + length > self._max_bytes:
-                return None
-            self._mapped += length  # room kept while it is mapped, outside the lock
-        try:
-            mapping = mmap.mmap(fd, length, prot=mmap.PROT_READ, offset=start)
-        except (OSError, ValueError) as exc:
-            with self._lock:
-                self._mapped -= length
-            self._cannot_map(exc)
-            return None
-        made = Window(key, index, start, mapping)
-        with self._lock:
-            window = self._windows.setdefault((key, index), made)
+            if window is None:
+                if self._mapped + length > self._max_bytes:
+                    return None, NO_ROOM
+                try:
+                    mapping = mmap.mmap(fd, length, prot=mmap.PROT_READ, offset=start)
+                except (OSError, ValueError) as exc:
+                    self._cannot_map(exc)
+                    return None, MAP_FAILED
+                window = self._windows[key, index] = Window(key, index, start, mapping)
+                self._mapped += length
             window.holders += 1
-            if window is not made:  # another reader mapped it meanwhile
-                self._mapped -= length
-        if window is not made:
-            made.unmap()
-        return window
+            return window, MAPPED
 
     def drop(self, window: Window) -> None:
         """One holder is done with ``window``; the last one unmaps it."""
@@ -131,15 +129,15 @@ class MappedWindows:
             if window.holders:
                 return
             del self._windows[window.key, window.index]
-        window.unmap()
-        with self._lock:
+            window.unmap()
             self._mapped -= window.length
 
     def _cannot_map(self, error: Exception) -> None:
         """A file shorter than the window (truncated under its readers) is sendfile's to
-        report; anything else is said once, since every reader now sends with sendfile."""
-        if isinstance(error, OSError) and not self._warned:
-            self._warned = True
-            log.warning("cannot map image files for the readers of downloads in flight (%s); "
-                        "they are sent with sendfile, at a higher CPU cost to local clients",
-                        error)
+        report; anything else is logged, at most once a minute."""
+        now = time.monotonic()
+        if isinstance(error, OSError) and now - self._last_warning >= WARNING_INTERVAL:
+            self._last_warning = now
+            log.warning("cannot map an image file for the readers of a download in flight "
+                        "(%s); they are sent with sendfile meanwhile, at a higher CPU cost to "
+                        "local clients", error)

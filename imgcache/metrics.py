@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
 
+from imgcache.mapped_windows import HOW_SENT
+
 #: Labels of imgcache_requests_total / imgcache_served_bytes_total for image-data GETs.
 RESULTS = ("hit", "miss", "coalesced", "bypass", "denied", "error")
 #: Labels of imgcache_fills_total.
@@ -18,8 +20,6 @@ VERIFY_METHODS = ("os_hash", "checksum", "size_only")
 PREDICTED_CAP_FACTORS = ("0.5", "1", "2", "4")
 #: Windows of imgcache_working_set_bytes (durations as the config writes them).
 WORKING_SET_WINDOWS = ("1d", "7d")
-#: Labels of imgcache_fill_reader_bytes_total: how bytes went to the readers of a fill.
-FILL_READER_SENDS = ("mapped", "sendfile")
 #: Kinds of imgcache_tier_failures_total: what went wrong at a tier node.
 TIER_FAILURES = ("connect", "timeout", "broken", "status", "refused", "bad_answer", "size",
                  "checksum")
@@ -48,13 +48,12 @@ class Metrics:
             ["how"], registry=r)
         self.fill_reader_bytes = Counter(
             "imgcache_fill_reader_bytes", "Image bytes sent to the readers of downloads in "
-            "flight (MISS, COALESCED), by how: as copies from mappings shared by the readers "
-            "(mapped) or with sendfile.", ["how"], registry=r)
-        for how in FILL_READER_SENDS:
+            "flight (MISS, COALESCED), by how: copied from a mapping shared by the readers "
+            "(mapped), else with sendfile because the stretch was still being written "
+            "(unfinished), the mappings' bound was reached (no_room) or the file could not "
+            "be mapped (map_failed).", ["how"], registry=r)
+        for how in HOW_SENT:
             self.fill_reader_bytes.labels(how)
-        self.mapped_bytes = Gauge(
-            "imgcache_mapped_bytes", "Bytes of image files mapped now for the readers of "
-            "downloads in flight (counted in the RSS; at most 32 MiB).", registry=r)
         self.fills_in_progress = Gauge(
             "imgcache_fills_in_progress", "Fills downloading now.", registry=r)
         self.cache_bytes = Gauge(

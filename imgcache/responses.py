@@ -30,7 +30,7 @@ from aiohttp import web
 
 from imgcache.fill import Fill, FillFailed
 from imgcache.loopthreads import LoopThreads
-from imgcache.mapped_windows import MappedWindows, Window
+from imgcache.mapped_windows import HOW_SENT, MappedWindows, Window
 from imgcache.metrics import Metrics
 
 #: Most bytes one call on a sending thread sends before it hands the thread back: about
@@ -46,6 +46,8 @@ CLIENT_STALL_SECONDS = 300.0
 WRITABLE_WAIT_SECONDS = 0.01
 
 T = TypeVar("T")
+#: Errors of a write to a client that mean it went away.
+_CLIENT_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN})
 
 #: What sending to a client that went away raises: ConnectionResetError from the senders
 #: here, and a plain ConnectionError ("Connection lost") from aiohttp when the client reset
@@ -73,10 +75,14 @@ class FileSender:
 
     def __init__(self, threads: LoopThreads, metrics: Metrics) -> None:
         self._threads = threads
-        self.windows = MappedWindows()
-        self._mapped_sent = metrics.fill_reader_bytes.labels("mapped")
-        self._sendfile_sent = metrics.fill_reader_bytes.labels("sendfile")
-        metrics.mapped_bytes.set_function(lambda: self.windows.mapped_bytes)
+        self._windows = MappedWindows()
+        self._fill_reader_bytes = {how: metrics.fill_reader_bytes.labels(how)
+                                   for how in HOW_SENT}
+
+    @property
+    def mapped_bytes(self) -> int:
+        """Bytes of image files mapped now for the readers of fills."""
+        return self._windows.mapped_bytes
 
     async def send_file(self, request: web.Request, fd: int, start: int, end: int,
                         size: int, on_sent: Callable[[int], None]) -> bool:
@@ -138,17 +144,17 @@ class FileSender:
                 raise
             if limit <= position:
                 break
-            window = self.windows.hold(fill, in_fd, position, fill.written, fill.expected.size)
+            window, how = self._windows.hold(fill, in_fd, position, fill.written,
+                                             fill.expected.size)
             if window is None:
                 sent, blocked = _sendfile_until_blocked(out_fd, in_fd, position, limit, False)
-                self._sendfile_sent.inc(sent)
             else:
                 try:
                     sent, blocked = _write_until_blocked(out_fd, window, position,
                                                          min(limit, window.end))
                 finally:
-                    self.windows.drop(window)
-                self._mapped_sent.inc(sent)
+                    self._windows.drop(window)
+            self._fill_reader_bytes[how].inc(sent)
             position += sent
             if blocked:
                 return position - start, True
@@ -208,14 +214,19 @@ def _write_until_blocked(out_fd: int, window: Window, start: int,
         try:
             position += os.write(out_fd, window.view[position - window.start:
                                                      end - window.start])
+            continue
         except BlockingIOError:
             return position - start, True
         except OSError as exc:
-            _raise_if_client_gone(exc)
-            if exc.errno == errno.EFAULT:
-                raise OSError(errno.EIO, f"bytes {position}..{end} of the file cannot be read "
-                                         "(truncated under its readers, or a disk error)") from exc
-            raise
+            error = exc.errno
+        # Raised out here, the failed write's exception gone with the except clause: nothing
+        # (a tracer's frames) may keep a slice of the window alive past its unmapping.
+        if error in _CLIENT_GONE:
+            raise ConnectionResetError(error, "client went away")
+        if error == errno.EFAULT:
+            raise OSError(errno.EIO, f"bytes {position}..{end} of the file cannot be read "
+                                     "(truncated under its readers, or a disk error)")
+        raise OSError(error, os.strerror(error) if error else "write failed")
     return position - start, False
 
 
@@ -234,18 +245,13 @@ def _sendfile_until_blocked(out_fd: int, in_fd: int, start: int, end: int,
                 continue
             return position - start, True
         except OSError as exc:
-            _raise_if_client_gone(exc)
+            if exc.errno in _CLIENT_GONE:
+                raise ConnectionResetError(exc.errno, "client went away") from exc
             raise
         if sent == 0:
             raise OSError(errno.EIO, f"file ended at {position}, expected {end} bytes")
         position += sent
     return position - start, False
-
-
-def _raise_if_client_gone(exc: OSError) -> None:
-    """ConnectionResetError, if ``exc`` (from a write to a client) says it went away."""
-    if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
-        raise ConnectionResetError(exc.errno, "client went away") from exc
 
 
 def _writable_soon(fd: int) -> bool:

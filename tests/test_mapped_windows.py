@@ -18,7 +18,16 @@ from inloop import TOKEN, Imgcache
 from rawhttp import RESET, raw_get
 
 from imgcache.fill import HOLD_BACK_BYTES
-from imgcache.mapped_windows import WINDOW_BYTES, MappedWindows, Window
+from imgcache.mapped_windows import (
+    MAP_FAILED,
+    MAPPED,
+    NO_ROOM,
+    UNFINISHED,
+    WINDOW_BYTES,
+    MappedWindows,
+    Window,
+)
+from imgcache.responses import _write_until_blocked
 from imgcache.standin import Fault, GlanceStandin
 
 MiB = 1 << 20
@@ -54,32 +63,40 @@ def sent_through_a_socket(window: Window, start: int, end: int) -> bytes:
         return received.result(timeout=30)
 
 
+def held(windows: MappedWindows, key: str, fd: int, position: int, written: int) -> Window:
+    """The window ``hold`` gives for ``position`` of a file of SIZE bytes (it must give one)."""
+    window, how = windows.hold(key, fd, position, written, SIZE)
+    assert (how, window is not None) == (MAPPED, True)
+    assert window is not None
+    return window
+
+
 def test_a_window_is_mapped_only_once_the_writer_finished_it(
         image: tuple[Path, int, bytes]) -> None:
     _, fd, content = image
     windows = MappedWindows(WINDOW, 8 * WINDOW)
-    assert windows.hold("fill", fd, WINDOW + 5, 2 * WINDOW - 1, SIZE) is None
-    window = windows.hold("fill", fd, WINDOW + 5, 2 * WINDOW, SIZE)
-    assert window is not None
+    assert windows.hold("fill", fd, WINDOW + 5, 2 * WINDOW - 1, SIZE) == (None, UNFINISHED)
+    window = held(windows, "fill", fd, WINDOW + 5, 2 * WINDOW)
     assert (window.start, window.end) == (WINDOW, 2 * WINDOW)
     assert sent_through_a_socket(window, WINDOW + 5, 2 * WINDOW) == content[WINDOW + 5:2 * WINDOW]
     # The last window ends with the file, and is mapped only once the file is whole.
-    assert windows.hold("fill", fd, SIZE - 1, SIZE - 1, SIZE) is None
-    last = windows.hold("fill", fd, SIZE - 1, SIZE, SIZE)
-    assert last is not None and (last.start, last.end) == (3 * WINDOW, SIZE)
+    assert windows.hold("fill", fd, SIZE - 1, SIZE - 1, SIZE) == (None, UNFINISHED)
+    last = held(windows, "fill", fd, SIZE - 1, SIZE)
+    assert (last.start, last.end) == (3 * WINDOW, SIZE)
     assert sent_through_a_socket(last, 3 * WINDOW, SIZE) == content[3 * WINDOW:]
-    assert windows.hold("fill", fd, SIZE, SIZE, SIZE) is None  # past the end
+    assert windows.hold("fill", fd, SIZE, SIZE, SIZE) == (None, UNFINISHED)  # past the end
     windows.drop(window)
     windows.drop(last)
+    assert windows.mapped_bytes == 0
 
 
 def test_readers_share_a_window_and_the_last_one_unmaps_it(
         image: tuple[Path, int, bytes]) -> None:
     path, fd, _ = image
     windows = MappedWindows(WINDOW, 8 * WINDOW)
-    first = windows.hold("fill", fd, 10, SIZE, SIZE)
-    second = windows.hold("fill", fd, WINDOW - 1, SIZE, SIZE)
-    assert first is second is not None
+    first = held(windows, "fill", fd, 10, SIZE)
+    second = held(windows, "fill", fd, WINDOW - 1, SIZE)
+    assert first is second
     assert windows.mapped_bytes == WINDOW
     assert str(path) in mapped_paths()
     windows.drop(first)
@@ -88,54 +105,63 @@ def test_readers_share_a_window_and_the_last_one_unmaps_it(
     assert windows.mapped_bytes == 0
     assert str(path) not in mapped_paths()
     # Another file's window of the same index is another window.
-    mine, theirs = windows.hold("fill", fd, 0, SIZE, SIZE), windows.hold("other", fd, 0, SIZE,
-                                                                          SIZE)
-    assert mine is not None and theirs is not None and mine is not theirs
+    mine, theirs = held(windows, "fill", fd, 0, SIZE), held(windows, "other", fd, 0, SIZE)
+    assert mine is not theirs
     windows.drop(mine)
     windows.drop(theirs)
-    assert windows.mapped_bytes == 0
+    assert windows.mapped_bytes == 0 and str(path) not in mapped_paths()
 
 
 def test_no_more_than_the_bound_is_mapped(image: tuple[Path, int, bytes]) -> None:
     _, fd, _ = image
     windows = MappedWindows(WINDOW, 2 * WINDOW)
-    first = windows.hold("fill", fd, 0, SIZE, SIZE)
-    second = windows.hold("fill", fd, WINDOW, SIZE, SIZE)
-    assert first is not None and second is not None
-    assert windows.hold("fill", fd, 2 * WINDOW, SIZE, SIZE) is None
+    first = held(windows, "fill", fd, 0, SIZE)
+    second = held(windows, "fill", fd, WINDOW, SIZE)
+    assert windows.hold("fill", fd, 2 * WINDOW, SIZE, SIZE) == (None, NO_ROOM)
     # A window already mapped is still shared at the bound.
-    again = windows.hold("fill", fd, 0, SIZE, SIZE)
+    again = held(windows, "fill", fd, 0, SIZE)
     assert again is first
     windows.drop(again)
     windows.drop(first)
-    third = windows.hold("fill", fd, 2 * WINDOW, SIZE, SIZE)
-    assert third is not None and windows.mapped_bytes == 2 * WINDOW
+    third = held(windows, "fill", fd, 2 * WINDOW, SIZE)
+    assert windows.mapped_bytes == 2 * WINDOW
     windows.drop(second)
     windows.drop(third)
     assert windows.mapped_bytes == 0
+
+
+def test_bad_sizes_are_refused() -> None:
+    with pytest.raises(ValueError, match="multiple"):
+        MappedWindows(WINDOW + 1, 8 * WINDOW)
+    with pytest.raises(ValueError, match="no room"):
+        MappedWindows(WINDOW, WINDOW - 1)
 
 
 def test_a_file_shorter_than_its_window_is_not_mapped(image: tuple[Path, int, bytes]) -> None:
     path, fd, _ = image
     os.truncate(path, WINDOW)
     windows = MappedWindows(WINDOW, 8 * WINDOW)
-    assert windows.hold("fill", fd, WINDOW, SIZE, SIZE) is None
+    assert windows.hold("fill", fd, WINDOW, SIZE, SIZE) == (None, MAP_FAILED)
     assert windows.mapped_bytes == 0
 
 
-def test_a_window_truncated_under_its_holder_fails_the_write_not_the_process(
+def test_a_window_truncated_under_its_sender_fails_the_write_not_the_process(
         image: tuple[Path, int, bytes]) -> None:
     path, fd, _ = image
     windows = MappedWindows(WINDOW, 8 * WINDOW)
-    window = windows.hold("fill", fd, WINDOW, SIZE, SIZE)
-    assert window is not None
+    window = held(windows, "fill", fd, WINDOW, SIZE)
     os.truncate(path, 0)
     near, far = socket.socketpair()
-    with near, far, pytest.raises(OSError) as raised:
-        os.write(near.fileno(), window.view[:WINDOW // 2])
-    assert raised.value.errno == errno.EFAULT  # a read from Python would have been SIGBUS
+    with near, far:
+        with pytest.raises(OSError) as raised:
+            os.write(near.fileno(), window.view[:WINDOW // 2])
+        assert raised.value.errno == errno.EFAULT  # a read from Python would be SIGBUS
+        with pytest.raises(OSError) as raised:
+            _write_until_blocked(near.fileno(), window, WINDOW, 2 * WINDOW)
+        assert raised.value.errno == errno.EIO
+        assert "cannot be read" in str(raised.value)
     windows.drop(window)
-    assert windows.mapped_bytes == 0
+    assert windows.mapped_bytes == 0 and str(path) not in mapped_paths()
 
 
 # -- end to end: the readers of a fill, through a real imgcache app ------------------------
@@ -172,13 +198,22 @@ async def test_readers_behind_a_fill_in_flight_are_sent_from_windows_never_its_t
     assert partial.body == content[WINDOW_BYTES - 5:WINDOW_BYTES - 5 + len(partial.body)]
     metrics = await imgcache.metrics()
     assert metrics['imgcache_fill_reader_bytes_total{how="mapped"}'] > 0
-    assert metrics["imgcache_mapped_bytes"] == 0
+    assert metrics['imgcache_fill_reader_bytes_total{how="unfinished"}'] > 0
+    await assert_nothing_mapped(imgcache)
+
+
+async def assert_nothing_mapped(imgcache: Imgcache) -> None:
+    """No image file of ``imgcache`` (committed or partial) is mapped any more."""
+    assert imgcache.services.sender.mapped_bytes == 0
+    store = imgcache.services.store
+    image_dirs = (f"{store.data_dir}/", f"{store.partial_dir}/")
+    assert not [p for p in await asyncio.to_thread(mapped_paths) if p.startswith(image_dirs)]
 
 
 async def test_a_file_truncated_under_its_readers_resets_them_and_the_next_client_is_served(
     glance: GlanceStandin, imgcache: Imgcache
 ) -> None:
-    image = await glance.add_image(size=48 * MiB)
+    image = await glance.add_image(size=96 * MiB)  # more than the sockets' buffers take
     async with imgcache.session.get(imgcache.data_url(image.id),
                                     headers={"X-Auth-Token": TOKEN}) as resp:
         assert resp.headers["X-Cache-Status"] == "MISS"
@@ -189,9 +224,7 @@ async def test_a_file_truncated_under_its_readers_resets_them_and_the_next_clien
         with pytest.raises(aiohttp.ClientPayloadError):
             body += await resp.read()
     await imgcache.wait_for_metric('imgcache_requests_total{result="error"}', 1)
-    metrics = await imgcache.metrics()
-    assert metrics['imgcache_fill_reader_bytes_total{how="mapped"}'] > 0
-    assert metrics["imgcache_mapped_bytes"] == 0
+    await assert_nothing_mapped(imgcache)
     status, headers, fresh = await imgcache.get(image.id)
     assert (status, headers["X-Cache-Status"]) == (200, "MISS")
     assert hashlib.sha512(fresh).hexdigest() == image.os_hash_value

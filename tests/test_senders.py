@@ -1,4 +1,4 @@
-"""The zero-copy sender never lets a big send hold a thread for its whole transfer. (That a
+"""The file sender never lets a big send hold a thread for its whole transfer. (That a
 request cancelled mid-send waits for its thread is LoopThreads' promise:
 tests/test_loopthreads.py.)"""
 
