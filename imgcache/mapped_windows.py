@@ -129,7 +129,8 @@ class MappedWindows:
             if window.holders:
                 return
             del self._windows[window.key, window.index]
-            window.unmap()
+        window.unmap()  # outside the lock: other steps go on holding and mapping meanwhile
+        with self._lock:
             self._mapped -= window.length
 
     def _cannot_map(self, error: Exception) -> None:
