@@ -46,10 +46,14 @@ from imgcache.verify import Verifier
 
 log = logging.getLogger(__name__)
 
-#: Worker threads for sendfile calls (each call is short: it ends when a socket buffer is
-#: full or after responses.MAX_BYTES_PER_CALL).
-FILE_THREADS = 32
-#: Nice value of those threads, above the event loop's: in a boot storm dozens of them copy
+#: Worker threads for sending (each call is short: it ends when a socket buffer is full or
+#: after responses.MAX_BYTES_PER_CALL). Eight: each holds at most one window of
+#: mapped_windows at a time, so together they stay under its bound and every reader of a
+#: download gets copies, not sendfile. With 32, a third of a storm's bytes went by sendfile
+#: for want of room, and storms and small hits were slower (README, "Readers of a download
+#: in flight").
+FILE_THREADS = 8
+#: Nice value of those threads, above the event loop's: in a boot storm all of them copy
 #: bytes at once, and at equal priority the loop (one thread answering every client) would
 #: wait behind all of them for a CPU, and new clients for their first byte.
 FILE_THREADS_NICE = 10

@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 #: Size of one mapping (a multiple of mmap.ALLOCATIONGRANULARITY).
 WINDOW_BYTES = 4 << 20
-#: Bound of the bytes mapped at once, over every file (the readers of a storm share a few
-#: windows: they move through the image together).
+#: Bound of the bytes mapped at once, over every file: room for one window per sending
+#: thread (app.FILE_THREADS), a guard should there be more.
 MAX_MAPPED_BYTES = 32 << 20
 #: How a sending step sends: from a window (MAPPED), else with sendfile because the window
 #: is not finished, there is no room under MAX_MAPPED_BYTES, or mapping failed. The labels
