@@ -165,11 +165,16 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return total
 
 
-def thread_schedstat(pid: int, tid: int | None = None) -> tuple[float, float]:
-    """Seconds a thread (the main thread by default) has run on a CPU, and seconds it has
-    waited in the run queue: runnable, but no CPU free (/proc/PID/task/TID/schedstat)."""
-    run, wait, _ = Path(f"/proc/{pid}/task/{tid or pid}/schedstat").read_text().split()
-    return int(run) / 1e9, int(wait) / 1e9
+def threads_schedstat(pid: int) -> dict[int, tuple[float, float]]:
+    """For each thread of a process, by thread id: seconds it has run on a CPU, and seconds
+    it has waited in the run queue, runnable but with no CPU free
+    (/proc/PID/task/TID/schedstat). A thread that ends while they are read is left out."""
+    stats = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            run, wait, _ = (task / "schedstat").read_text().split()
+            stats[int(task.name)] = (int(run) / 1e9, int(wait) / 1e9)
+    return stats
 
 
 def machine_cpu() -> tuple[float, float]:

@@ -35,7 +35,7 @@ from bench.common.procs import (
     machine_cpu,
     peak_rss,
     reset_peak_rss,
-    thread_schedstat,
+    threads_schedstat,
     write_bytes,
 )
 from bench.common.wrk import run_wrk
@@ -163,7 +163,8 @@ def wait_logged(counter: Callable[[], list[int]], timeout: float = 10.0) -> list
 class Usage:
     """CPU used over an interval: by the contender's processes (all threads), by the
     clients (the curl processes, waited for meanwhile), by the upstream, by the whole
-    machine, and by imgcache's event-loop thread (on a CPU, and runnable but waiting)."""
+    machine, and by two of imgcache's threads (on a CPU, and runnable but waiting): its
+    event loop, and the busiest of the others (in a fill, the hasher: its critical path)."""
 
     seconds: float
     cpu: float
@@ -173,6 +174,8 @@ class Usage:
     busy: float  # the same as a fraction of all its CPUs' time
     loop_run: float = 0.0
     loop_wait: float = 0.0
+    busiest_run: float = 0.0  # imgcache's busiest thread but the loop (a fill's hasher)
+    busiest_wait: float = 0.0
 
     @property
     def other(self) -> float:
@@ -196,25 +199,38 @@ class UsageMeter:
         self._up_cpu = cpu_seconds(self._up)
         self._clients = _children_cpu()
         self._busy, self._total = machine_cpu()
-        self._run, self._wait = thread_schedstat(loop_pid) if loop_pid else (0.0, 0.0)
+        self._threads = threads_schedstat(loop_pid) if loop_pid else {}
 
     def stop(self) -> Usage:
         """Usage since the snapshot."""
         busy, total = machine_cpu()
-        run, wait = thread_schedstat(self._loop) if self._loop else (0.0, 0.0)
+        loop, busiest = self._threads_since()
         return Usage(seconds=time.perf_counter() - self._t,
                      cpu=cpu_seconds(self._pids) - self._cpu,
                      clients=_children_cpu() - self._clients,
                      upstream=cpu_seconds(self._up) - self._up_cpu,
                      busy_cpu=busy - self._busy,
                      busy=(busy - self._busy) / max(total - self._total, 1e-9),
-                     loop_run=run - self._run, loop_wait=wait - self._wait)
+                     loop_run=loop[0], loop_wait=loop[1],
+                     busiest_run=busiest[0], busiest_wait=busiest[1])
+
+    def _threads_since(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """(on a CPU, waiting) since the snapshot: of the loop thread, and of the thread
+        besides it that ran the most (a thread started meanwhile counts from zero)."""
+        if not self._loop:
+            return (0.0, 0.0), (0.0, 0.0)
+        since = {tid: (run - self._threads.get(tid, (0.0, 0.0))[0],
+                       wait - self._threads.get(tid, (0.0, 0.0))[1])
+                 for tid, (run, wait) in threads_schedstat(self._loop).items()}
+        loop = since.pop(self._loop, (0.0, 0.0))
+        return loop, max(since.values(), default=(0.0, 0.0))
 
 
 def record_usage(results: Results, key: str, name: str, usage: Usage,
                  per_gb: float | None = None) -> None:
     """Add ``usage`` to the series ``key``.cpu_s (or .cpu_s_per_gb when ``per_gb`` bytes
-    are given), .busy_pct and, for imgcache, .loop_run_s and .loop_wait_s."""
+    are given), .busy_pct and, for imgcache, .loop_run_s, .loop_wait_s, .busiest_run_s and
+    .busiest_wait_s."""
     if name != DIRECT:
         if per_gb:
             results.add(f"{key}.cpu_s_per_gb", name, usage.cpu / (per_gb / 1e9))
@@ -228,6 +244,8 @@ def record_usage(results: Results, key: str, name: str, usage: Usage,
     if name == IMGCACHE:
         results.add(f"{key}.loop_run_s", name, usage.loop_run)
         results.add(f"{key}.loop_wait_s", name, usage.loop_wait)
+        results.add(f"{key}.busiest_run_s", name, usage.busiest_run)
+        results.add(f"{key}.busiest_wait_s", name, usage.busiest_wait)
 
 
 # --- scenario 1: hit throughput ---------------------------------------------------------

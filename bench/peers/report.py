@@ -74,6 +74,21 @@ def storm_bound(link: str) -> Callable[[Results], float]:
                          r.median("storm.fanout.wall", BOUND))
 
 
+def _thread_rows(key: str, prefix: str = "") -> list[Row]:
+    """imgcache's event-loop thread and its busiest other thread (in a fill, the hasher:
+    the critical path of a cold miss), each on a CPU and runnable but waiting for one."""
+    return [
+        Row(f"{prefix}imgcache event-loop thread on a CPU s", f"{key}.loop_run_s", INFO,
+            ".2f"),
+        Row(f"{prefix}imgcache event-loop thread runnable but waiting for a CPU s",
+            f"{key}.loop_wait_s", INFO, ".2f"),
+        Row(f"{prefix}imgcache's busiest thread besides the loop (in a cold miss, the "
+            "hasher) on a CPU s", f"{key}.busiest_run_s", INFO, ".2f"),
+        Row(f"{prefix}imgcache's busiest thread besides the loop, runnable but waiting for "
+            "a CPU s", f"{key}.busiest_wait_s", INFO, ".2f"),
+    ]
+
+
 def rows(sizes: Sizes) -> list[tuple[str, list[Row]]]:
     """The table, section by section."""
     n, sn = sizes.clients, sizes.storm_clients
@@ -115,9 +130,7 @@ def rows(sizes: Sizes) -> list[tuple[str, list[Row]]]:
             Row("CPU s of everything else on the machine", f"{key}.other_cpu_s", INFO,
                 ".1f"),
             Row("machine CPU busy during the storm %", f"{key}.busy_pct", INFO, ".0f"),
-            Row("imgcache event-loop thread on a CPU s", f"{key}.loop_run_s", INFO, ".2f"),
-            Row("imgcache event-loop thread runnable but waiting for a CPU s",
-                f"{key}.loop_wait_s", INFO, ".2f"),
+            *_thread_rows(key),
         ]))
     sections += [
         ("3. Cold miss, 1 client, sha512 verified (imgcache only)", [
@@ -135,9 +148,8 @@ def rows(sizes: Sizes) -> list[tuple[str, list[Row]]]:
             Row("CPU s of the upstream", "cold.upstream_cpu_s", INFO, ".2f"),
             Row("CPU s of everything else on the machine", "cold.other_cpu_s", INFO, ".2f"),
             Row("machine CPU busy during the download %", "cold.busy_pct", INFO, ".0f"),
-            Row("imgcache event-loop thread on a CPU s", "cold.loop_run_s", INFO, ".2f"),
-            Row("imgcache event-loop thread runnable but waiting for a CPU s",
-                "cold.loop_wait_s", INFO, ".2f"),
+            *_thread_rows("cold"),
+            *_thread_rows("cold_at_cap", "at the cap: "),
         ]),
         ("4. Peak RSS of imgcache (VmHWM)", [
             *[Row(f"during the {sizes.links[link]} storm: MiB", f"storm.{link}.rss_mib", INFO,
