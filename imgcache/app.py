@@ -39,6 +39,7 @@ from imgcache.predictions import Predictions
 from imgcache.prefetch import Prefetcher
 from imgcache.responses import FileSender
 from imgcache.store import Store
+from imgcache.threadnames import FILES, PIPELINE, SENDING, show_thread_name
 from imgcache.threadpool import SparePool
 from imgcache.tier import Tier
 from imgcache.upstream import Upstream, tls_context
@@ -46,12 +47,15 @@ from imgcache.verify import Verifier
 
 log = logging.getLogger(__name__)
 
-#: Worker threads for sending (each call is short: it ends when a socket buffer is full or
-#: after responses.MAX_BYTES_PER_CALL). Eight: each holds at most one window of
-#: mapped_windows at a time, so together they stay under its bound and every reader of a
-#: download gets copies, not sendfile. With 32, a third of a storm's bytes went by sendfile
-#: for want of room, and storms and small hits were slower (README, "Readers of a download
-#: in flight").
+#: Worker threads for sending (each call is short: at most responses.MAX_BYTES_PER_CALL, and
+#: WRITABLE_WAIT_SECONDS of a slow client's full socket; longer only while the disk answers
+#: a read). Eight: each holds at most one window of mapped_windows at a time, so together they
+#: stay under its bound, and the readers of a download get copies of every stretch it
+#: finished, never sendfile for want of room. With 32, a third of a storm's bytes went by
+#: sendfile for that reason, and storms and 1 MiB hits were slower (README, "Readers of a
+#: download in flight"). Eight threads are also eight disk reads at a time for hits whose
+#: files are not in the page cache, and, at nice +10, less CPU for sending than 32 would
+#: get on a host whose CPUs are all busy.
 FILE_THREADS = 8
 #: Nice value of those threads, above the event loop's: in a boot storm all of them copy
 #: bytes at once, and at equal priority the loop (one thread answering every client) would
@@ -113,10 +117,11 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
         # Reads the CA, certificate and key files: off the loop, before anything is served;
         # a bad file stops start-up (ConfigError) before anything is opened.
         tls = await asyncio.to_thread(tls_context, settings)
-        senders = LoopThreads(FILE_THREADS, "imgcache-send", initializer=_yield_to_the_loop)
-        control = ThreadPoolExecutor(CONTROL_THREADS, thread_name_prefix="imgcache-files")
+        senders = LoopThreads(FILE_THREADS, SENDING, initializer=_yield_to_the_loop)
+        control = ThreadPoolExecutor(CONTROL_THREADS, thread_name_prefix=FILES,
+                                     initializer=show_thread_name, initargs=(FILES,))
         pipeline = SparePool(PIPELINE_THREADS, started=PIPELINE_THREADS_STARTED,
-                             spare=PIPELINE_THREADS_SPARE, name="imgcache-pipe")
+                             spare=PIPELINE_THREADS_SPARE, name=PIPELINE)
         # What was opened is closed, last first, at shutdown and also when a start-up step
         # fails or the start is cancelled: aiohttp runs no cleanup for a context that never
         # yielded.

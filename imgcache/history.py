@@ -47,6 +47,7 @@ from imgcache.history_files import (
     history_files,
 )
 from imgcache.metrics import WORKING_SET_WINDOWS
+from imgcache.threadnames import HISTORY, show_thread_name
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ class AccessHistory:
         self.directory = directory
         self.max_requests = max_requests
         self._state = state
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="imgcache-history")
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=HISTORY,
+                                          initializer=show_thread_name, initargs=(HISTORY,))
         self._ids: dict[str, bytes] = {}  # image id -> its 16 UUID bytes
         self._last_seen: dict[str, tuple[float, int]] = {}  # image id -> (time, size)
         self._pending: list[bytes] = []

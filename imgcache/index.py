@@ -17,6 +17,7 @@ from typing import Any
 import diskcache
 
 from imgcache.entry import Entry
+from imgcache.threadnames import INDEX, show_thread_name
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,8 @@ class CacheIndex:
 
     def __init__(self, directory: Path) -> None:
         self._directory = directory
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="imgcache-index")
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=INDEX,
+                                          initializer=show_thread_name, initargs=(INDEX,))
         self._cache: diskcache.Cache | None = None
         self._pending: set[asyncio.Future[Any]] = set()
 

@@ -17,6 +17,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+from imgcache.threadnames import show_thread_name
+
 T = TypeVar("T")
 
 #: Seconds ``start`` waits for every thread to have run its initializer.
@@ -50,9 +52,10 @@ _Work = tuple[asyncio.AbstractEventLoop, _Call[Any], Callable[..., Any], tuple[A
 
 
 class LoopThreads:
-    """``count`` threads named ``name``_N that run calls awaited by ``run``; ``initializer``
-    runs first on each. ``start`` (off the loop) starts them all; ``shutdown`` ends them
-    once the calls queued before it are done, and refuses calls after it."""
+    """``count`` threads named ``name``_N (``name`` for the OS) that run calls awaited by
+    ``run``; ``initializer`` runs first on each. ``start`` (off the loop) starts them all;
+    ``shutdown`` ends them once the calls queued before it are done, and refuses calls
+    after it."""
 
     def __init__(self, count: int, name: str,
                  initializer: Callable[[], None] | None = None) -> None:
@@ -126,6 +129,7 @@ class LoopThreads:
             self._work.put(None)
 
     def _serve(self, initializer: Callable[[], None] | None) -> None:
+        show_thread_name(self._name)
         try:
             if initializer is not None:
                 initializer()

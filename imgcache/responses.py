@@ -10,8 +10,10 @@ Two sources: a committed cache file (``send_file``: sendfile(2) from the page ca
 out zero-copy) and a file a fill is still writing (``send_growing``: copies from a window of
 ``mapped_windows`` shared by the fill's readers where the fill has finished writing one,
 else sendfile; that module says why). Every call on a worker thread sends at most
-MAX_BYTES_PER_CALL, so that a few multi-GB sends never hold every thread while a small hit
-waits for one.
+MAX_BYTES_PER_CALL and waits at most WRITABLE_WAIT_SECONDS for a slow client, so that
+multi-GB sends and slow clients never hold every thread for long while a small hit waits
+for one; a call that reads the disk (a file not in the page cache) holds its thread while
+the disk answers.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import math
 import os
 import select
 import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -39,10 +43,12 @@ from imgcache.metrics import Metrics
 MAX_BYTES_PER_CALL = 4 << 20
 #: A client whose socket takes no byte for this long is dropped (it stopped reading).
 CLIENT_STALL_SECONDS = 300.0
-#: How long a thread sending a cached file waits for a full socket to drain before leaving
-#: it to the loop. Not for readers of a fill: in a storm, 32 of them polling from worker
-#: threads made new clients wait longer for their first byte (p99 - first 0.07 -> 0.19 s
-#: in one bench run).
+#: How long one call sending a cached file goes on, once its client's socket first filled,
+#: waiting for it to drain before it leaves the socket to the loop and hands its thread
+#: back: a client that reads steadily but slowly would otherwise keep a thread for a whole
+#: MAX_BYTES_PER_CALL, and there are only app.FILE_THREADS of them. Not for readers of a
+#: fill: in a storm, 32 of them polling from worker threads made new clients wait longer
+#: for their first byte (p99 - first 0.07 -> 0.19 s in one bench run, with 32 threads).
 WRITABLE_WAIT_SECONDS = 0.01
 
 T = TypeVar("T")
@@ -233,16 +239,20 @@ def _write_until_blocked(out_fd: int, window: Window, start: int,
 def _sendfile_until_blocked(out_fd: int, in_fd: int, start: int, end: int,
                             wait_writable: bool) -> tuple[int, bool]:
     """Runs on a worker thread: sendfile until done, MAX_BYTES_PER_CALL sent, or the socket
-    is full (with ``wait_writable``: stays full for WRITABLE_WAIT_SECONDS). Returns bytes
-    sent and whether the socket would block."""
+    is full (with ``wait_writable``: still full WRITABLE_WAIT_SECONDS after it first
+    filled in this call). Returns bytes sent and whether the socket would block."""
     position = start
     end = min(end, start + MAX_BYTES_PER_CALL)
+    deadline = None
     while position < end:
         try:
             sent = os.sendfile(out_fd, in_fd, position, end - position)
         except BlockingIOError:
-            if wait_writable and _writable_soon(out_fd):
-                continue
+            if wait_writable:
+                now = time.monotonic()
+                deadline = deadline or now + WRITABLE_WAIT_SECONDS
+                if now < deadline and _writable_within(out_fd, deadline - now):
+                    continue
             return position - start, True
         except OSError as exc:
             if exc.errno in _CLIENT_GONE:
@@ -254,14 +264,14 @@ def _sendfile_until_blocked(out_fd: int, in_fd: int, start: int, end: int,
     return position - start, False
 
 
-def _writable_soon(fd: int) -> bool:
-    """Runs on a worker thread: whether the socket takes bytes again within
-    WRITABLE_WAIT_SECONDS. A reading client frees its buffer within milliseconds; waiting
-    for that here spares the event loop a round trip per buffer-full, and a client that
-    stopped reading goes back to the loop, which watches it without holding a thread."""
+def _writable_within(fd: int, seconds: float) -> bool:
+    """Runs on a worker thread: whether the socket takes bytes again within ``seconds``. A
+    reading client frees its buffer within milliseconds; waiting for that here spares the
+    event loop a round trip per buffer-full, and a client that stopped reading goes back to
+    the loop, which watches it without holding a thread."""
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
-    return bool(poller.poll(WRITABLE_WAIT_SECONDS * 1000))
+    return bool(poller.poll(math.ceil(seconds * 1000)))
 
 
 async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 from imgcache.digest import Expected
 from imgcache.errors import FillError
 from imgcache.pieces import Piece
+from imgcache.threadnames import HASHING, WRITING, show_thread_name
 
 #: Bytes received but not yet consumed by every consumer; bounds a download's memory.
 MAX_BUFFERED = 16 << 20
@@ -94,6 +95,7 @@ class _Writer(_Consumer):
         self._on_written = on_written
 
     def consume(self) -> None:
+        show_thread_name(WRITING)
         while True:
             chunks = _take_queued(self.chunks)
             last = chunks[-1] is None
@@ -120,6 +122,7 @@ class _Hasher(_Consumer):
         self._hasher = hasher
 
     def consume(self) -> str:
+        show_thread_name(HASHING)
         while (chunk := self.chunks.get()) is not None:
             try:
                 self._hasher.update(chunk.view)

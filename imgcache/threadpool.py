@@ -20,12 +20,15 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
+from imgcache.threadnames import show_thread_name
+
 T = TypeVar("T")
 _WorkItem = tuple[Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
 
 class SparePool(Executor):
-    """At most ``max_workers`` threads named ``name``_N; ``started`` of them start in
+    """At most ``max_workers`` threads named ``name``_N (``name`` for the OS, until a call
+    names its thread after its role); ``started`` of them start in
     ``start``, more on the pool's own starter thread so that ``spare`` stay idle.
 
     ``submit`` takes no lock (a lock another thread holds would block the event loop): it
@@ -104,6 +107,7 @@ class SparePool(Executor):
         thread.start()
 
     def _work_forever(self) -> None:
+        show_thread_name(self._name)
         while (item := self._work.get()) is not None:
             future, fn, args, kwargs = item
             if future.set_running_or_notify_cancel():

@@ -17,10 +17,12 @@ import pytest
 from inloop import TOKEN, Imgcache
 from rawhttp import RESET, raw_get
 
+from imgcache.app import FILE_THREADS
 from imgcache.fill import HOLD_BACK_BYTES
 from imgcache.mapped_windows import (
     MAP_FAILED,
     MAPPED,
+    MAX_MAPPED_BYTES,
     NO_ROOM,
     UNFINISHED,
     WINDOW_BYTES,
@@ -128,6 +130,12 @@ def test_no_more_than_the_bound_is_mapped(image: tuple[Path, int, bytes]) -> Non
     windows.drop(second)
     windows.drop(third)
     assert windows.mapped_bytes == 0
+
+
+def test_every_sending_thread_finds_room_for_its_window() -> None:
+    """A sending step holds at most one window: with one window per thread under the
+    bound, a reader never falls back to sendfile for want of room (NO_ROOM is a guard)."""
+    assert FILE_THREADS * WINDOW_BYTES <= MAX_MAPPED_BYTES
 
 
 def test_bad_sizes_are_refused() -> None:

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 from processes import IMGCACHE, ImgcacheProcess, StandinProcess
 
 from imgcache.app import FILE_THREADS
+from imgcache.threadnames import FILES, HASHING, INDEX, SENDING, WRITING
 
 MiB = 1 << 20
 TOKEN = "token-a"
@@ -230,8 +232,22 @@ def test_file_threads_run_below_the_event_loops_priority(server: ImgcacheProcess
     nice: dict[str, list[int]] = {}
     for task in Path(f"/proc/{server.pid}/task").iterdir():
         fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        nice.setdefault("loop" if task.name == str(server.pid) else "other", []).append(
-            int(fields[16]))
-    assert nice["loop"] == [0]
-    # Every file thread is started before serving, each at the loop's nice + 10.
-    assert nice["other"].count(10) == FILE_THREADS
+        name = "loop" if task.name == str(server.pid) else (task / "comm").read_text().strip()
+        nice.setdefault(name, []).append(int(fields[16]))
+    assert nice.pop("loop") == [0]
+    # Every sending thread is started before serving, each at the loop's nice + 10, and
+    # shows its name to the OS; the other threads keep the loop's priority.
+    assert nice.pop(SENDING) == [10] * FILE_THREADS
+    assert nice and all(value == 0 for values in nice.values() for value in values)
+
+
+def test_threads_show_their_roles(standin: StandinProcess, server: ImgcacheProcess) -> None:
+    """Once a download went through, its writer and hasher show as such (``top -H``)."""
+    done = curl(f"{server.url}/v2/images/{standin.image_id}/file", "-o", "/dev/null")
+    assert done.returncode == 0
+    server.wait_for_metric('imgcache_fills_total{outcome="committed"}', 1)
+    names = Counter((task / "comm").read_text().strip()
+                    for task in Path(f"/proc/{server.pid}/task").iterdir())
+    assert names[SENDING] == FILE_THREADS
+    assert names[HASHING] >= 1 and names[WRITING] >= 1
+    assert names[INDEX] == 1 and names[FILES] >= 1

@@ -1,11 +1,14 @@
-"""The file sender never lets a big send hold a thread for its whole transfer. (That a
-request cancelled mid-send waits for its thread is LoopThreads' promise:
+"""The file sender never lets a big send, or a slow client, hold a thread for its whole
+transfer. (That a request cancelled mid-send waits for its thread is LoopThreads' promise:
 tests/test_loopthreads.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -15,7 +18,7 @@ from aiohttp import web
 
 from imgcache.loopthreads import LoopThreads
 from imgcache.metrics import Metrics
-from imgcache.responses import MAX_BYTES_PER_CALL, FileSender
+from imgcache.responses import MAX_BYTES_PER_CALL, FileSender, _sendfile_until_blocked
 
 MiB = 1 << 20
 
@@ -91,3 +94,38 @@ async def test_a_small_hit_is_not_queued_behind_a_big_one(
     # With its thread held for the whole 96 MiB, the small send would finish last.
     assert finished == ["small", "big"]
     assert 96 * MiB > 4 * MAX_BYTES_PER_CALL
+
+
+def test_a_slow_steady_client_gives_its_thread_back(tmp_path: Path) -> None:
+    """A hit client that reads steadily but not fast (64 KiB a millisecond) costs one
+    sending call at most WRITABLE_WAIT_SECONDS of waiting in all: the call hands its thread
+    back well before MAX_BYTES_PER_CALL. Waiting up to that long for each drain apart kept
+    the thread for the whole 4 MiB (and for seconds for a slower client), with only 8
+    threads."""
+    path = tmp_path / "image"
+    path.write_bytes(os.urandom(2 * MAX_BYTES_PER_CALL))
+    with socket.create_server(("127.0.0.1", 0)) as listener, socket.socket() as reader:
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        reader.connect(listener.getsockname())
+        sender, _ = listener.accept()
+        sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+        sender.setblocking(False)
+        stop = threading.Event()
+
+        def read_slowly() -> None:
+            while not stop.is_set() and reader.recv(64 << 10):
+                time.sleep(0.001)
+
+        slow = threading.Thread(target=read_slowly)
+        slow.start()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            sent, blocked = _sendfile_until_blocked(sender.fileno(), fd, 0,
+                                                    2 * MAX_BYTES_PER_CALL, True)
+        finally:
+            stop.set()
+            sender.close()
+            slow.join()
+            os.close(fd)
+    assert blocked
+    assert 0 < sent < MAX_BYTES_PER_CALL // 2

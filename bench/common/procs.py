@@ -165,15 +165,16 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return total
 
 
-def threads_schedstat(pid: int) -> dict[int, tuple[float, float]]:
-    """For each thread of a process, by thread id: seconds it has run on a CPU, and seconds
-    it has waited in the run queue, runnable but with no CPU free
-    (/proc/PID/task/TID/schedstat). A thread that ends while they are read is left out."""
+def threads_schedstat(pid: int) -> dict[int, tuple[str, float, float]]:
+    """For each thread of a process, by thread id: its name (/proc/PID/task/TID/comm),
+    seconds it has run on a CPU, and seconds it has waited in the run queue, runnable but
+    with no CPU free (.../schedstat). A thread that ends while they are read is left out."""
     stats = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(OSError, ValueError):
             run, wait, _ = (task / "schedstat").read_text().split()
-            stats[int(task.name)] = (int(run) / 1e9, int(wait) / 1e9)
+            name = (task / "comm").read_text().strip()
+            stats[int(task.name)] = (name, int(run) / 1e9, int(wait) / 1e9)
     return stats
 
 

@@ -39,8 +39,13 @@ from bench.common.procs import (
     write_bytes,
 )
 from bench.common.wrk import run_wrk
+from imgcache.threadnames import HASHING, SENDING, WRITING
 
 IMGCACHE, NGINX, NGINX_1H, VARNISH, DIRECT = "imgcache", "nginx", "nginx-1h", "varnish", "direct"
+#: imgcache's threads measured apart, by role: the event loop, then by the names the OS
+#: shows for them (imgcache.threadnames).
+THREAD_ROLES = ("loop", "hash", "write", "send")
+_ROLE_OF_NAME = {HASHING: "hash", WRITING: "write", SENDING: "send"}
 #: Pseudo-contenders of the bounds measured in the same run.
 BOUND = "bound"
 
@@ -163,8 +168,8 @@ def wait_logged(counter: Callable[[], list[int]], timeout: float = 10.0) -> list
 class Usage:
     """CPU used over an interval: by the contender's processes (all threads), by the
     clients (the curl processes, waited for meanwhile), by the upstream, by the whole
-    machine, and by two of imgcache's threads (on a CPU, and runnable but waiting): its
-    event loop, and the busiest of the others (in a fill, the hasher: its critical path)."""
+    machine, and by imgcache's threads by role (THREAD_ROLES: on a CPU, and runnable but
+    waiting for one)."""
 
     seconds: float
     cpu: float
@@ -172,10 +177,7 @@ class Usage:
     upstream: float
     busy_cpu: float  # CPU seconds the whole machine was busy (other work included)
     busy: float  # the same as a fraction of all its CPUs' time
-    loop_run: float = 0.0
-    loop_wait: float = 0.0
-    busiest_run: float = 0.0  # imgcache's busiest thread but the loop (a fill's hasher)
-    busiest_wait: float = 0.0
+    threads: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def other(self) -> float:
@@ -204,33 +206,38 @@ class UsageMeter:
     def stop(self) -> Usage:
         """Usage since the snapshot."""
         busy, total = machine_cpu()
-        loop, busiest = self._threads_since()
         return Usage(seconds=time.perf_counter() - self._t,
                      cpu=cpu_seconds(self._pids) - self._cpu,
                      clients=_children_cpu() - self._clients,
                      upstream=cpu_seconds(self._up) - self._up_cpu,
                      busy_cpu=busy - self._busy,
                      busy=(busy - self._busy) / max(total - self._total, 1e-9),
-                     loop_run=loop[0], loop_wait=loop[1],
-                     busiest_run=busiest[0], busiest_wait=busiest[1])
+                     threads=self._threads_since())
 
-    def _threads_since(self) -> tuple[tuple[float, float], tuple[float, float]]:
-        """(on a CPU, waiting) since the snapshot: of the loop thread, and of the thread
-        besides it that ran the most (a thread started meanwhile counts from zero)."""
+    def _threads_since(self) -> dict[str, tuple[float, float]]:
+        """On a CPU and waiting since the snapshot, summed by role: the loop (the main
+        thread), then by the name the thread shows now (a thread started meanwhile counts
+        from zero)."""
         if not self._loop:
-            return (0.0, 0.0), (0.0, 0.0)
-        since = {tid: (run - self._threads.get(tid, (0.0, 0.0))[0],
-                       wait - self._threads.get(tid, (0.0, 0.0))[1])
-                 for tid, (run, wait) in threads_schedstat(self._loop).items()}
-        loop = since.pop(self._loop, (0.0, 0.0))
-        return loop, max(since.values(), default=(0.0, 0.0))
+            return {}
+        now = threads_schedstat(self._loop)
+        if self._loop not in now or self._loop not in self._threads:
+            raise RuntimeError(f"no schedstat for imgcache's event loop (pid {self._loop})")
+        roles = {role: [0.0, 0.0] for role in THREAD_ROLES}
+        for tid, (name, run, wait) in now.items():
+            role = "loop" if tid == self._loop else _ROLE_OF_NAME.get(name)
+            if role is not None:
+                _, run_before, wait_before = self._threads.get(tid, (name, 0.0, 0.0))
+                roles[role][0] += run - run_before
+                roles[role][1] += wait - wait_before
+        return {role: (run, wait) for role, (run, wait) in roles.items()}
 
 
 def record_usage(results: Results, key: str, name: str, usage: Usage,
                  per_gb: float | None = None) -> None:
     """Add ``usage`` to the series ``key``.cpu_s (or .cpu_s_per_gb when ``per_gb`` bytes
-    are given), .busy_pct and, for imgcache, .loop_run_s, .loop_wait_s, .busiest_run_s and
-    .busiest_wait_s."""
+    are given), .busy_pct and, for imgcache, ROLE_run_s and ROLE_wait_s for each of
+    THREAD_ROLES."""
     if name != DIRECT:
         if per_gb:
             results.add(f"{key}.cpu_s_per_gb", name, usage.cpu / (per_gb / 1e9))
@@ -242,10 +249,9 @@ def record_usage(results: Results, key: str, name: str, usage: Usage,
     results.add(f"{key}.busy_cpu_s", name, usage.busy_cpu)
     results.add(f"{key}.busy_pct", name, 100 * usage.busy)
     if name == IMGCACHE:
-        results.add(f"{key}.loop_run_s", name, usage.loop_run)
-        results.add(f"{key}.loop_wait_s", name, usage.loop_wait)
-        results.add(f"{key}.busiest_run_s", name, usage.busiest_run)
-        results.add(f"{key}.busiest_wait_s", name, usage.busiest_wait)
+        for role, (run, wait) in usage.threads.items():
+            results.add(f"{key}.{role}_run_s", name, run)
+            results.add(f"{key}.{role}_wait_s", name, wait)
 
 
 # --- scenario 1: hit throughput ---------------------------------------------------------
@@ -344,6 +350,7 @@ class StormRep:
     usage: Usage
     peak_rss: int = 0  # imgcache only
     written: int = 0  # bytes written to disk by the contender's processes during the storm
+    mapped_share: float = 0.0  # imgcache only: its readers' bytes copied from mappings
 
 
 def storm(bench: PeerBench, name: str, upstream: str, route: Route, clients: int,
@@ -362,9 +369,11 @@ def storm(bench: PeerBench, name: str, upstream: str, route: Route, clients: int
     pids = [_pid(imgcache)] if imgcache else contender.pids()
     written_before = write_bytes(pids)
     committed_before = 0
+    sent_before: dict[str, float] = {}
     if imgcache:
         committed_before = imgcache.committed_fills()
         reset_peak_rss(_pid(imgcache))
+        sent_before = _reader_bytes(imgcache)
     saved = verified_indices(clients, verify)
     outputs = [str(bench.scratch / f"body-{i}") if i in saved else "/dev/null"
                for i in range(clients)]
@@ -372,8 +381,11 @@ def storm(bench: PeerBench, name: str, upstream: str, route: Route, clients: int
     batch = run_batch(bench.procs, data_url(contender.urls[upstream], route.image_id),
                       outputs)
     usage = meter.stop()
-    rss = 0
+    rss, mapped_share = 0, 0.0
     if imgcache:
+        sent = {how: count - sent_before.get(how, 0.0)
+                for how, count in _reader_bytes(imgcache).items()}
+        mapped_share = sent.get("mapped", 0.0) / max(sum(sent.values()), 1.0)
         committed, _ = imgcache.wait_committed(committed_before + 1)
         bench.checks.expect(f"storm ({up.label}): imgcache committed one fill",
                             committed == committed_before + 1,
@@ -389,9 +401,18 @@ def storm(bench: PeerBench, name: str, upstream: str, route: Route, clients: int
     rep = StormRep(batch=batch, usage=usage, upstream_requests=len(logged),
                    upstream_bytes=sum(logged) if all(b >= 0 for b in logged) else -1,
                    metadata_gets=up.metadata_gets(route.image_id) - meta_before,
-                   verified=verified, checked=len(saved), peak_rss=rss, written=written)
+                   verified=verified, checked=len(saved), peak_rss=rss, written=written,
+                   mapped_share=mapped_share)
     _check_storm(bench.checks, name, up.label, rep, route.image.size, clients)
     return rep
+
+
+def _reader_bytes(imgcache: Imgcache) -> dict[str, float]:
+    """Bytes imgcache has sent to the readers of downloads in flight, by how they went
+    (imgcache_fill_reader_bytes_total's ``how``: mapped, unfinished, no_room, map_failed)."""
+    prefix = 'imgcache_fill_reader_bytes_total{how="'
+    return {name[len(prefix):-2]: value for name, value in imgcache.metrics().items()
+            if name.startswith(prefix)}
 
 
 def _pid(imgcache: Imgcache) -> int:
@@ -439,6 +460,7 @@ def record_storm(results: Results, key: str, name: str, rep: StormRep) -> None:
     if name == IMGCACHE:
         results.add(f"{key}.metadata_gets", name, rep.metadata_gets)
         results.add(f"{key}.rss_mib", name, rep.peak_rss / (1 << 20))
+        results.add(f"{key}.mapped_pct", name, 100 * rep.mapped_share)
     size = rep.batch.downloads[0].size
     if name != DIRECT and size:
         results.add(f"{key}.written_per_fill", name, rep.written / size)

@@ -74,19 +74,18 @@ def storm_bound(link: str) -> Callable[[Results], float]:
                          r.median("storm.fanout.wall", BOUND))
 
 
+#: imgcache's threads by role (measure.THREAD_ROLES), as the report names them.
+_THREADS = {"loop": "event-loop thread", "hash": "hasher thread (sha512)",
+            "write": "writer thread (the cache file)", "send": "sending threads, together"}
+
+
 def _thread_rows(key: str, prefix: str = "") -> list[Row]:
-    """imgcache's event-loop thread and its busiest other thread (in a fill, the hasher:
-    the critical path of a cold miss), each on a CPU and runnable but waiting for one."""
-    return [
-        Row(f"{prefix}imgcache event-loop thread on a CPU s", f"{key}.loop_run_s", INFO,
-            ".2f"),
-        Row(f"{prefix}imgcache event-loop thread runnable but waiting for a CPU s",
-            f"{key}.loop_wait_s", INFO, ".2f"),
-        Row(f"{prefix}imgcache's busiest thread besides the loop (in a cold miss, the "
-            "hasher) on a CPU s", f"{key}.busiest_run_s", INFO, ".2f"),
-        Row(f"{prefix}imgcache's busiest thread besides the loop, runnable but waiting for "
-            "a CPU s", f"{key}.busiest_wait_s", INFO, ".2f"),
-    ]
+    """imgcache's threads by role (the hasher is a cold miss's critical path), each on a
+    CPU and runnable but waiting for one."""
+    return [row for role, label in _THREADS.items() for row in (
+        Row(f"{prefix}imgcache {label} on a CPU s", f"{key}.{role}_run_s", INFO, ".2f"),
+        Row(f"{prefix}imgcache {label} runnable but waiting for a CPU s",
+            f"{key}.{role}_wait_s", INFO, ".2f"))]
 
 
 def rows(sizes: Sizes) -> list[tuple[str, list[Row]]]:
@@ -121,6 +120,8 @@ def rows(sizes: Sizes) -> list[tuple[str, list[Row]]]:
                 lambda r, s=sizes.storm: s / 1e6),
             Row("imgcache's metadata GETs to Glance (authorization)",
                 f"{key}.metadata_gets", INFO, ".0f"),
+            Row("imgcache's bytes to its readers copied from shared mappings, not sendfile %",
+                f"{key}.mapped_pct", INFO, ".0f"),
             Row("cold miss, 1 client over this link (imgcache verifies sha512): MB/s",
                 f"{key}.cold_mbps", HIGHER, ".0f"),
             Row("CPU s of the contender's processes during the storm", f"{key}.cpu_s",
