@@ -54,8 +54,9 @@ log = logging.getLogger(__name__)
 #: finished, never sendfile for want of room. With 32, a third of a storm's bytes went by
 #: sendfile for that reason, and storms and 1 MiB hits were slower (README, "Readers of a
 #: download in flight"). Eight threads are also eight disk reads at a time for hits whose
-#: files are not in the page cache, and, at nice +10, less CPU for sending than 32 would
-#: get on a host whose CPUs are all busy.
+#: files are not in the page cache, and, at nice +10, a smaller share of the CPU than 32
+#: would get against busy threads of the same cgroup (a systemd service's share of the
+#: host comes from its cgroup's weight, not from its thread count).
 FILE_THREADS = 8
 #: Nice value of those threads, above the event loop's: in a boot storm all of them copy
 #: bytes at once, and at equal priority the loop (one thread answering every client) would

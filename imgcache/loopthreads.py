@@ -129,8 +129,8 @@ class LoopThreads:
             self._work.put(None)
 
     def _serve(self, initializer: Callable[[], None] | None) -> None:
-        show_thread_name(self._name)
         try:
+            show_thread_name(self._name)
             if initializer is not None:
                 initializer()
         except BaseException as exc:  # raised by start, which waits for every thread

@@ -250,7 +250,8 @@ def _sendfile_until_blocked(out_fd: int, in_fd: int, start: int, end: int,
         except BlockingIOError:
             if wait_writable:
                 now = time.monotonic()
-                deadline = deadline or now + WRITABLE_WAIT_SECONDS
+                if deadline is None:
+                    deadline = now + WRITABLE_WAIT_SECONDS
                 if now < deadline and _writable_within(out_fd, deadline - now):
                     continue
             return position - start, True

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from processes import IMGCACHE, ImgcacheProcess, StandinProcess
 
-from imgcache.app import FILE_THREADS
+from imgcache.app import CONTROL_THREADS, FILE_THREADS
 from imgcache.threadnames import FILES, HASHING, INDEX, SENDING, WRITING
 
 MiB = 1 << 20
@@ -250,4 +250,4 @@ def test_threads_show_their_roles(standin: StandinProcess, server: ImgcacheProce
                     for task in Path(f"/proc/{server.pid}/task").iterdir())
     assert names[SENDING] == FILE_THREADS
     assert names[HASHING] >= 1 and names[WRITING] >= 1
-    assert names[INDEX] == 1 and names[FILES] >= 1
+    assert names[INDEX] == 1 and names[FILES] == CONTROL_THREADS

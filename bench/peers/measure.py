@@ -39,6 +39,7 @@ from bench.common.procs import (
     write_bytes,
 )
 from bench.common.wrk import run_wrk
+from imgcache.mapped_windows import MAPPED
 from imgcache.threadnames import HASHING, SENDING, WRITING
 
 IMGCACHE, NGINX, NGINX_1H, VARNISH, DIRECT = "imgcache", "nginx", "nginx-1h", "varnish", "direct"
@@ -202,6 +203,8 @@ class UsageMeter:
         self._clients = _children_cpu()
         self._busy, self._total = machine_cpu()
         self._threads = threads_schedstat(loop_pid) if loop_pid else {}
+        if loop_pid and loop_pid not in self._threads:
+            raise RuntimeError(f"no schedstat for imgcache's event loop (pid {loop_pid})")
 
     def stop(self) -> Usage:
         """Usage since the snapshot."""
@@ -221,7 +224,7 @@ class UsageMeter:
         if not self._loop:
             return {}
         now = threads_schedstat(self._loop)
-        if self._loop not in now or self._loop not in self._threads:
+        if self._loop not in now:
             raise RuntimeError(f"no schedstat for imgcache's event loop (pid {self._loop})")
         roles = {role: [0.0, 0.0] for role in THREAD_ROLES}
         for tid, (name, run, wait) in now.items():
@@ -350,7 +353,7 @@ class StormRep:
     usage: Usage
     peak_rss: int = 0  # imgcache only
     written: int = 0  # bytes written to disk by the contender's processes during the storm
-    mapped_share: float = 0.0  # imgcache only: its readers' bytes copied from mappings
+    mapped_share: float | None = None  # imgcache only: its readers' bytes from mappings
 
 
 def storm(bench: PeerBench, name: str, upstream: str, route: Route, clients: int,
@@ -381,11 +384,12 @@ def storm(bench: PeerBench, name: str, upstream: str, route: Route, clients: int
     batch = run_batch(bench.procs, data_url(contender.urls[upstream], route.image_id),
                       outputs)
     usage = meter.stop()
-    rss, mapped_share = 0, 0.0
+    rss, mapped_share = 0, None
     if imgcache:
         sent = {how: count - sent_before.get(how, 0.0)
                 for how, count in _reader_bytes(imgcache).items()}
-        mapped_share = sent.get("mapped", 0.0) / max(sum(sent.values()), 1.0)
+        total = sum(sent.values())
+        mapped_share = sent.get(MAPPED, 0.0) / total if total else None
         committed, _ = imgcache.wait_committed(committed_before + 1)
         bench.checks.expect(f"storm ({up.label}): imgcache committed one fill",
                             committed == committed_before + 1,
@@ -460,7 +464,8 @@ def record_storm(results: Results, key: str, name: str, rep: StormRep) -> None:
     if name == IMGCACHE:
         results.add(f"{key}.metadata_gets", name, rep.metadata_gets)
         results.add(f"{key}.rss_mib", name, rep.peak_rss / (1 << 20))
-        results.add(f"{key}.mapped_pct", name, 100 * rep.mapped_share)
+        if rep.mapped_share is not None:
+            results.add(f"{key}.mapped_pct", name, 100 * rep.mapped_share)
     size = rep.batch.downloads[0].size
     if name != DIRECT and size:
         results.add(f"{key}.written_per_fill", name, rep.written / size)

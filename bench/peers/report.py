@@ -18,7 +18,16 @@ from bench.common.report_parts import (
     table_head,
     verdict,
 )
-from bench.peers.measure import BOUND, DIRECT, IMGCACHE, NGINX, NGINX_1H, VARNISH, Results
+from bench.peers.measure import (
+    BOUND,
+    DIRECT,
+    IMGCACHE,
+    NGINX,
+    NGINX_1H,
+    THREAD_ROLES,
+    VARNISH,
+    Results,
+)
 from bench.peers.shaping import UNSHAPED
 
 COLUMNS = [IMGCACHE, NGINX, NGINX_1H, VARNISH, DIRECT]
@@ -74,9 +83,10 @@ def storm_bound(link: str) -> Callable[[Results], float]:
                          r.median("storm.fanout.wall", BOUND))
 
 
-#: imgcache's threads by role (measure.THREAD_ROLES), as the report names them.
-_THREADS = {"loop": "event-loop thread", "hash": "hasher thread (sha512)",
-            "write": "writer thread (the cache file)", "send": "sending threads, together"}
+#: imgcache's threads by role, as the report names them.
+_THREADS = dict(zip(THREAD_ROLES, ("event-loop thread", "hasher thread (sha512)",
+                                   "writer thread (the cache file)",
+                                   "sending threads, together"), strict=True))
 
 
 def _thread_rows(key: str, prefix: str = "") -> list[Row]:
