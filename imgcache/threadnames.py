@@ -1,8 +1,8 @@
 """The names the OS shows for imgcache's threads (``top -H``, ``ps -L``, ``pidstat -t``,
 ``/proc/PID/task/TID/comm``), one per role, so that an operator can tell which of them
 spends the CPU. The event loop keeps the process's name, and so do a few threads that are
-idle but for short errands (asyncio's default executor, the pipeline pool's starter, libuv's
-own).
+idle but for short errands (asyncio's default executor, the pipeline pool's starter);
+libuv names its own workers ``libuv-worker``.
 
 Python 3.11 names its threads for itself only; Linux takes a thread's name from the thread
 itself, through ``/proc/thread-self/comm`` (at most 15 bytes).
