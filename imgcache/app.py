@@ -39,7 +39,7 @@ from imgcache.predictions import Predictions
 from imgcache.prefetch import Prefetcher
 from imgcache.responses import FileSender
 from imgcache.store import Store
-from imgcache.threadnames import FILES, PIPELINE, SENDING, show_thread_name
+from imgcache.threadnames import FILES, PIPELINE, SENDING, named_executor
 from imgcache.threadpool import SparePool
 from imgcache.tier import Tier
 from imgcache.upstream import Upstream, tls_context
@@ -119,8 +119,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
         # a bad file stops start-up (ConfigError) before anything is opened.
         tls = await asyncio.to_thread(tls_context, settings)
         senders = LoopThreads(FILE_THREADS, SENDING, initializer=_yield_to_the_loop)
-        control = ThreadPoolExecutor(CONTROL_THREADS, thread_name_prefix=FILES,
-                                     initializer=show_thread_name, initargs=(FILES,))
+        control = named_executor(CONTROL_THREADS, FILES)
         pipeline = SparePool(PIPELINE_THREADS, started=PIPELINE_THREADS_STARTED,
                              spare=PIPELINE_THREADS_SPARE, name=PIPELINE)
         # What was opened is closed, last first, at shutdown and also when a start-up step

@@ -28,7 +28,6 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,7 @@ from imgcache.history_files import (
     history_files,
 )
 from imgcache.metrics import WORKING_SET_WINDOWS
-from imgcache.threadnames import HISTORY, show_thread_name
+from imgcache.threadnames import HISTORY, named_executor
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +70,7 @@ class AccessHistory:
         self.directory = directory
         self.max_requests = max_requests
         self._state = state
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix=HISTORY,
-                                          initializer=show_thread_name, initargs=(HISTORY,))
+        self._thread = named_executor(1, HISTORY)
         self._ids: dict[str, bytes] = {}  # image id -> its 16 UUID bytes
         self._last_seen: dict[str, tuple[float, int]] = {}  # image id -> (time, size)
         self._pending: list[bytes] = []

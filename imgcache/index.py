@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import diskcache
 
 from imgcache.entry import Entry
-from imgcache.threadnames import INDEX, show_thread_name
+from imgcache.threadnames import INDEX, named_executor
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +26,7 @@ class CacheIndex:
 
     def __init__(self, directory: Path) -> None:
         self._directory = directory
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix=INDEX,
-                                          initializer=show_thread_name, initargs=(INDEX,))
+        self._thread = named_executor(1, INDEX)
         self._cache: diskcache.Cache | None = None
         self._pending: set[asyncio.Future[Any]] = set()
 

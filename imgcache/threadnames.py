@@ -11,6 +11,7 @@ itself, through ``/proc/thread-self/comm`` (at most 15 bytes).
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import ThreadPoolExecutor
 
 #: Threads that send image bytes to clients (``loopthreads``, ``responses``).
 SENDING = "imgcache-send"
@@ -32,3 +33,10 @@ def show_thread_name(name: str) -> None:
     does not let a thread name itself."""
     with contextlib.suppress(OSError), open("/proc/thread-self/comm", "w") as comm:
         comm.write(name)
+
+
+def named_executor(workers: int, name: str) -> ThreadPoolExecutor:
+    """A ThreadPoolExecutor of at most ``workers`` threads, each named ``name`` for the OS
+    (and ``name``_N for Python)."""
+    return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=show_thread_name,
+                              initargs=(name,))

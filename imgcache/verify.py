@@ -10,7 +10,6 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from imgcache.config import format_size
 from imgcache.digest import Expected, hash_fd
 from imgcache.metrics import Metrics
 from imgcache.store import Entry, Store
-from imgcache.threadnames import VERIFY, show_thread_name
+from imgcache.threadnames import VERIFY, named_executor
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +68,7 @@ class Verifier:
         self._store = store
         self._metrics = metrics
         # One thread: verification never takes more than a core from serving.
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix=VERIFY,
-                                          initializer=show_thread_name, initargs=(VERIFY,))
+        self._thread = named_executor(1, VERIFY)
         self._runs: deque[VerifyRun] = deque(maxlen=_KEEP_RUNS)
         self._tasks: set[asyncio.Task[None]] = set()
 
