@@ -26,6 +26,8 @@ FILES = "imgcache-files"
 INDEX = "imgcache-index"
 HISTORY = "imgcache-hist"
 VERIFY = "imgcache-verify"
+#: Formats log records and writes them to stderr (``logs``).
+LOGGING = "imgcache-log"
 
 
 def show_thread_name(name: str) -> None:

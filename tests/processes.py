@@ -78,9 +78,11 @@ class ImgcacheProcess:
     def __init__(self, upstream: str, cache_dir: Path, max_size: str | None = "2G",
                  extra: tuple[str, ...] = (), admin_socket: Path | None = None,
                  env: dict[str, str] | None = None, wrapper: tuple[str, ...] = (),
-                 wait: bool = True) -> None:
+                 wait: bool = True, read_stderr: bool = True) -> None:
         """Start the server (``env`` adds variables, ``wrapper`` is a command prefix that
-        execs it); unless ``wait`` is False, return once both listeners answer."""
+        execs it); unless ``wait`` is False, return once both listeners answer. Unless
+        ``read_stderr`` is False, its stderr is read all along; else only from
+        ``read_stderr_from_now``."""
         self.port = free_port()
         self.cache_dir = cache_dir
         self.metrics_port = free_port()
@@ -95,13 +97,14 @@ class ImgcacheProcess:
              *(("--max-size", max_size) if max_size else ()), *extra],
             env={**environ, **(env or {})}, stderr=subprocess.PIPE, text=True,
             start_new_session=True)
-        # Read stderr all along: a busy server (a log line per request) must never block
-        # on a full pipe.
+        # Read stderr all along: a busy server (a log line per request) would otherwise drop
+        # log lines on a full pipe.
         assert self.proc.stderr is not None
         self.stderr_lines: list[str] = []
         self._drainer = threading.Thread(
             target=self.stderr_lines.extend, args=(self.proc.stderr,), daemon=True)
-        self._drainer.start()
+        if read_stderr:
+            self._drainer.start()
         if wait:
             self.wait_until_serving()
 
@@ -176,8 +179,14 @@ class ImgcacheProcess:
                         inodes.add(f"socket:[{fields[9]}]")
         return len(set(fd_targets(self.pid)) & inodes)
 
+    def read_stderr_from_now(self) -> None:
+        """Start reading the stderr of a server started with ``read_stderr=False``."""
+        self._drainer.start()
+
     def stop(self) -> str:
         """Stop the server; return everything it wrote on stderr."""
+        if self._drainer.ident is None:  # started with read_stderr=False, never read
+            self._drainer.start()
         stop_process(self.proc)
         self._drainer.join(10)
         return "".join(self.stderr_lines)

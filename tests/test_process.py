@@ -17,7 +17,7 @@ import pytest
 from processes import IMGCACHE, ImgcacheProcess, StandinProcess
 
 from imgcache.app import CONTROL_THREADS, FILE_THREADS
-from imgcache.threadnames import FILES, HASHING, INDEX, SENDING, WRITING
+from imgcache.threadnames import FILES, HASHING, INDEX, LOGGING, SENDING, WRITING
 
 MiB = 1 << 20
 TOKEN = "token-a"
@@ -251,3 +251,4 @@ def test_threads_show_their_roles(standin: StandinProcess, server: ImgcacheProce
     assert names[SENDING] == FILE_THREADS
     assert names[HASHING] >= 1 and names[WRITING] >= 1
     assert names[INDEX] == 1 and names[FILES] == CONTROL_THREADS
+    assert names[LOGGING] == 1
