@@ -10,7 +10,7 @@ from pathlib import Path
 from imgcache.config import OPTIONS, load_settings
 from imgcache.ctl import COMMANDS, add_command, add_commands, run_command
 from imgcache.errors import ConfigError, ImgcacheError
-from imgcache.logs import setup_logging
+from imgcache.logs import flush_logs, setup_logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,15 +64,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(settings, lambda: load_settings(flags, args.config))
     except ConfigError as exc:  # found at start-up: a CA, certificate or key file
-        print(f"imgcache: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return _cannot_start(f"configuration error: {exc}", 2)
     except ImgcacheError as exc:
-        print(f"imgcache: cannot start: {exc}", file=sys.stderr)
-        return 2
+        return _cannot_start(f"cannot start: {exc}", 2)
     except OSError as exc:
-        print(f"imgcache: cannot start: {exc}", file=sys.stderr)
-        return 1
+        return _cannot_start(f"cannot start: {exc}", 1)
     return 0
+
+
+def _cannot_start(message: str, status: int) -> int:
+    """Say why on stderr, after the log lines that came before; return ``status``."""
+    flush_logs()
+    print(f"imgcache: {message}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -3,8 +3,13 @@ apps in one process, as in tests, never share counters)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+from collections.abc import Iterator
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from imgcache.logs import dropped_log_records
 from imgcache.mapped_windows import HOW_SENT
 
 #: Labels of imgcache_requests_total / imgcache_served_bytes_total for image-data GETs.
@@ -129,6 +134,7 @@ class Metrics:
         self.tier_purges = Counter(
             "imgcache_tier_purges", "PURGE requests for corrupt objects in the tier, by "
             "outcome (purged, failed).", ["outcome"], registry=r)
+        r.register(_DroppedLogRecords())
         # Children resolved once: labels() takes a lock and builds a key on every call,
         # and these are counted on every request.
         self._by_result = {result: (self.requests.labels(result),
@@ -166,3 +172,15 @@ class Metrics:
         self.tier_node_up.labels(url).set(1)
         for kind in TIER_FAILURES:
             self.tier_failures.labels(url, kind)
+
+
+class _DroppedLogRecords(Collector):
+    """imgcache_log_records_dropped_total, read from the process's log writer at each
+    scrape (one writer per process, whatever the apps)."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        """The count now."""
+        yield CounterMetricFamily(
+            "imgcache_log_records_dropped", "Log records dropped because stderr took no "
+            "more (journald fell behind) or writing to it failed; the log says how many "
+            "once it takes lines again.", value=dropped_log_records())

@@ -1,62 +1,199 @@
 """Logging never holds up serving: a stderr that takes no more (journald fell behind)
-stalls no request, and the log says how many lines it lost."""
+stalls no request and no exit, the log and a metric say how many lines were lost, and a
+record waiting to be written keeps no frame of its exception alive."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
+import os
 import re
+import signal
+import threading
 import time
 import uuid
+import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
+import pytest
 from processes import ImgcacheProcess, free_port
 
-from imgcache.logs import MAX_QUEUED_RECORDS
+from imgcache.logwriter import EXIT_FLUSH_SECONDS, MAX_QUEUED_RECORDS, LogWriter
 
-#: Requests at once, and in all: each logs at least one line, and together they log more
-#: than the pipe holds (64 KiB) plus what the queue holds.
+#: Requests at once, and in all: together they log far more than the pipe (64 KiB), the
+#: queue and a batch in a write hold.
 CONCURRENCY = 16
 REQUESTS = MAX_QUEUED_RECORDS + 2_000
+#: What each request logs with Glance unreachable: a warning for each of its two questions
+#: to Glance (the image, the download check), and its access line.
+RECORDS_PER_REQUEST = 3
 
 
-async def request_all(url: str) -> list[int]:
-    """GET the data of REQUESTS images, CONCURRENCY at once, each within 5 s."""
+async def request_images(url: str, count: int) -> list[int]:
+    """GET the data of ``count`` images, CONCURRENCY at once, each within 5 s."""
     timeout = aiohttp.ClientTimeout(total=5)
     statuses: list[int] = []
     async with aiohttp.ClientSession(timeout=timeout) as session:
 
-        async def one_by_one(count: int) -> None:
-            for _ in range(count):
+        async def one_by_one(share: int) -> None:
+            for _ in range(share):
                 async with session.get(f"{url}/v2/images/{uuid.uuid4()}/file",
                                        headers={"X-Auth-Token": "token"}) as response:
                     await response.read()
                     statuses.append(response.status)
 
-        await asyncio.gather(*(one_by_one(REQUESTS // CONCURRENCY)
-                               for _ in range(CONCURRENCY)))
+        await asyncio.gather(*(one_by_one(count // CONCURRENCY) for _ in range(CONCURRENCY)))
     return statuses
 
 
-def test_a_stderr_nobody_reads_stalls_no_request(tmp_path: Path) -> None:
-    # Glance is a port nobody listens on: every request is answered at once, and logged.
+@pytest.fixture
+def unread(tmp_path: Path) -> Iterator[ImgcacheProcess]:
+    """A server whose stderr nobody reads (until the test says so), in front of a Glance
+    that refuses connections: every request is answered at once, and logged."""
     server = ImgcacheProcess(f"http://127.0.0.1:{free_port()}", tmp_path / "cache",
-                             read_stderr=False)
+                             read_stderr=False, wait=False)
     try:
-        statuses = asyncio.run(request_all(server.url))
-        assert len(statuses) == REQUESTS // CONCURRENCY * CONCURRENCY
-        assert set(statuses) == {503}
-        server.read_stderr_from_now()
-        # Once stderr takes lines again, the log says how many were lost meanwhile.
-        deadline = time.monotonic() + 20
-        while not any("log records were dropped" in line for line in server.stderr_lines):
-            assert time.monotonic() < deadline, "no line said how many were dropped"
-            time.sleep(0.05)
+        server.wait_until_serving()
+        yield server
     finally:
-        stderr = server.stop()
-    written = stderr.count("image request")
-    dropped = sum(int(m[1]) for m in re.finditer(r"(\d+) log records were dropped", stderr))
-    # Each request logged its access line and a warning (Glance unreachable), and every
-    # record was written or counted.
-    assert written > 0 and dropped > 0
-    assert stderr.count("WARNING imgcache.upstream") + written + dropped >= 2 * len(statuses)
+        server.stop()
+
+
+def test_a_stderr_nobody_reads_stalls_no_request(unread: ImgcacheProcess) -> None:
+    statuses = asyncio.run(request_images(unread.url, REQUESTS))
+    assert statuses == [503] * (REQUESTS // CONCURRENCY * CONCURRENCY)
+    dropped = unread.metric("imgcache_log_records_dropped_total")
+    assert dropped > 0
+    unread.read_stderr_from_now()
+    # Once stderr takes lines again, the log says how many were lost meanwhile.
+    deadline = time.monotonic() + 20
+    while not any("log records dropped" in line for line in unread.stderr_lines):
+        assert time.monotonic() < deadline, "no line said how many were dropped"
+        time.sleep(0.05)
+    stderr = unread.stop()
+    said = sum(int(m[1]) for m in re.finditer(r"log records dropped: (\d+)", stderr))
+    assert said == dropped
+    # Every record of a request was written or counted, once (and the warning of the
+    # passed-through GET / that start-up waited on).
+    written = stderr.count("WARNING imgcache.upstream") + stderr.count("image request ")
+    assert written + said == RECORDS_PER_REQUEST * len(statuses) + 1
+
+
+def test_a_stderr_nobody_reads_stalls_no_exit(unread: ImgcacheProcess) -> None:
+    assert set(asyncio.run(request_images(unread.url, 4_000))) == {503}
+    started = time.monotonic()
+    unread.proc.send_signal(signal.SIGTERM)
+    # Nothing to drain: the exit waits only for the writer, at most EXIT_FLUSH_SECONDS.
+    assert unread.proc.wait(timeout=EXIT_FLUSH_SECONDS + 10) == 0
+    assert time.monotonic() - started < EXIT_FLUSH_SECONDS + 5
+    unread.read_stderr_from_now()
+    assert "Fatal Python error" not in unread.stop()
+
+
+@pytest.fixture
+def stalled_pipe() -> Iterator[tuple[int, int]]:
+    """A pipe (read end, write end) whose write end is full: a write to it blocks."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    try:
+        while True:
+            os.write(write_end, b"\n" * 65536)
+    except BlockingIOError:
+        pass
+    os.set_blocking(write_end, True)
+    yield read_end, write_end
+    os.close(read_end)
+    os.close(write_end)
+
+
+class Reader:
+    """Reads a pipe on a thread of its own, from now on."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._seen = bytearray()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while data := os.read(self._fd, 1 << 20):
+            self._seen += data
+
+    def until(self, text: str, seconds: float = 20) -> str:
+        """Wait until ``text`` was read; return all that was."""
+        deadline = time.monotonic() + seconds
+        while text.encode() not in self._seen:
+            assert time.monotonic() < deadline, f"{text!r} never came: {self._seen[-500:]!r}"
+            time.sleep(0.01)
+        return self._seen.decode(errors="replace")
+
+
+def drain(fd: int, until: str) -> str:
+    """Read ``fd`` until ``until`` shows up in what was read; return it all."""
+    return Reader(fd).until(until)
+
+
+def record(message: str, *args: object, exc_info: object = None) -> logging.LogRecord:
+    return logging.getLogger("test").makeRecord("test", logging.WARNING, __file__, 0, message,
+                                                args, exc_info)  # type: ignore[arg-type]
+
+
+def test_a_waiting_record_keeps_no_frame_of_its_exception(
+        stalled_pipe: tuple[int, int]) -> None:
+    read_end, write_end = stalled_pipe
+    writer = LogWriter(write_end, logging.Formatter("%(message)s"))
+
+    class Buffer:
+        """Stands for what a frame may hold: a receive buffer, a connection."""
+
+    def fail(buffer: Buffer) -> None:
+        raise ValueError("the transfer broke")
+
+    writer.queue(record("this one waits in a write to the full pipe"))
+    time.sleep(0.3)  # the writer took it, and waits: what comes next waits in the queue
+    buffer = Buffer()
+    alive = weakref.ref(buffer)
+    try:
+        fail(buffer)
+    except ValueError as exc:
+        writer.queue(record("a fill failed", exc_info=(type(exc), exc, exc.__traceback__)))
+    del buffer
+    gc.collect()
+    assert alive() is None  # while the record waits behind the full pipe
+    text = drain(read_end, "the transfer broke")
+    assert "a fill failed" in text and "in fail" in text and "ValueError" in text
+    writer.stop()
+
+
+def test_a_log_call_that_cannot_be_formatted_raises_nothing(
+        stalled_pipe: tuple[int, int]) -> None:
+    read_end, write_end = stalled_pipe
+    writer = LogWriter(write_end, logging.Formatter("%(message)s"))
+    writer.queue(record("two values %s %s", "only one"))
+    text = drain(read_end, "two values")
+    assert "could not be formatted" in text
+    writer.stop()
+
+
+def test_drops_are_counted_and_said_in_their_place(stalled_pipe: tuple[int, int]) -> None:
+    read_end, write_end = stalled_pipe
+    writer = LogWriter(write_end, logging.Formatter("%(message)s"))
+    for n in range(MAX_QUEUED_RECORDS + 1_000 + 5):  # the queue, a batch held by the write
+        writer.queue(record("line %d", n))
+    assert writer.dropped_total >= 5
+    dropped = writer.dropped_total
+    reader = Reader(read_end)
+    writer.flush(20)  # the queue is written out
+    writer.queue(record("after the drops"))
+    text = reader.until("after the drops")
+    lines = [line for line in text.split("\n") if line.startswith(("line", "log records"))]
+    assert lines[-1] == (f"log records dropped: {dropped} (stderr took no more for a while, or "
+                         "writing to it failed; is journald keeping up? `journalctl -u "
+                         "systemd-journald`)")
+    kept = [int(line.split()[1]) for line in lines[:-1]]
+    assert kept == list(range(len(kept)))  # in order, then the notice, then the next line
+    assert len(kept) + dropped == MAX_QUEUED_RECORDS + 1_000 + 5
+    writer.stop()

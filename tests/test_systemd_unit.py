@@ -22,6 +22,7 @@ from processes import IMGCACHE, ImgcacheProcess, StandinProcess
 from sandbox import service_section
 
 from imgcache.config import OPTIONS, parse_duration
+from imgcache.logwriter import EXIT_FLUSH_SECONDS
 
 UNIT = Path(__file__).parent.parent / "systemd" / "imgcache.service"
 SANDBOX = Path(__file__).with_name("sandbox.py")
@@ -78,9 +79,10 @@ def test_the_unit_says_what_the_server_needs() -> None:
     assert Path(default("admin_socket")).parent == Path("/run", service["RuntimeDirectory"])
     assert Path(default("cache_dir")) == Path("/var/cache", service["CacheDirectory"])
     assert service["Environment"] == f"IMGCACHE_CACHE_DIR={default('cache_dir')}"
-    # Stopping waits out the drain before SIGKILL.
+    # Stopping waits out the drain, then the writing of queued log lines, before SIGKILL.
     assert service["KillSignal"] == "SIGTERM"
-    assert parse_duration(service["TimeoutStopSec"]) > parse_duration(default("drain_grace"))
+    assert (parse_duration(service["TimeoutStopSec"])
+            > parse_duration(default("drain_grace")) + EXIT_FLUSH_SECONDS)
     assert service["Restart"] == "on-failure"
     assert int(service["LimitNOFILE"]) >= 65536
     hardening = {
