@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         return _cannot_start(f"cannot start: {exc}", 2)
     except OSError as exc:
         return _cannot_start(f"cannot start: {exc}", 1)
+    except BaseException:
+        flush_logs()  # the traceback Python prints comes after the lines that led to it
+        raise
     return 0
 
 

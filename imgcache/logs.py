@@ -9,6 +9,8 @@ import json
 import logging
 import os
 import re
+import sys
+import threading
 import time
 
 from imgcache.logwriter import LogWriter, QueueingHandler
@@ -71,7 +73,10 @@ def setup_logging(level: str, fmt: str) -> None:
         _writer = LogWriter(_stderr_fd(), formatter)
         atexit.register(_writer.stop)
         root.handlers[:] = [QueueingHandler(_writer)]
+        # What Python would write to stderr itself goes through the writer too.
         logging.captureWarnings(True)
+        threading.excepthook = _log_thread_exception
+        sys.unraisablehook = _log_unraisable
     _writer.formatter = formatter
     # No format shows a record's caller, thread or process: the Logging HOWTO's
     # "Optimization" switches spare every record finding them (sys._getframe and more).
@@ -93,6 +98,25 @@ def flush_logs(seconds: float = 1.0) -> None:
 def dropped_log_records() -> int:
     """Log records dropped since start (stderr took no more, or writing to it failed)."""
     return _writer.dropped_total if _writer is not None else 0
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    """An exception that ended a thread (``threading.excepthook``), logged."""
+    if issubclass(args.exc_type, SystemExit):
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("imgcache").error(
+        "uncaught exception in thread %s", name,
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
+def _log_unraisable(unraisable: sys.UnraisableHookArgs) -> None:
+    """An exception Python could not raise (``sys.unraisablehook``: in a finalizer, most
+    often), logged."""
+    where = object.__repr__(unraisable.object) if unraisable.object is not None else ""
+    logging.getLogger("imgcache").error(
+        "%s %s", unraisable.err_msg or "Exception ignored in", where,
+        exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
 
 
 def _stderr_fd() -> int | None:

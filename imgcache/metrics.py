@@ -178,9 +178,17 @@ class _DroppedLogRecords(Collector):
     """imgcache_log_records_dropped_total, read from the process's log writer at each
     scrape (one writer per process, whatever the apps)."""
 
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        """The metric's name and help, for the registry's checks."""
+        yield _dropped_log_records(0)
+
     def collect(self) -> Iterator[CounterMetricFamily]:
         """The count now."""
-        yield CounterMetricFamily(
-            "imgcache_log_records_dropped", "Log records dropped because stderr took no "
-            "more (journald fell behind) or writing to it failed; the log says how many "
-            "once it takes lines again.", value=dropped_log_records())
+        yield _dropped_log_records(dropped_log_records())
+
+
+def _dropped_log_records(count: int) -> CounterMetricFamily:
+    return CounterMetricFamily(
+        "imgcache_log_records_dropped", "Log records dropped because stderr took no more "
+        "(journald fell behind) or writing to it failed; the log says how many once it "
+        "takes lines again.", value=count)

@@ -26,7 +26,7 @@ FILES = "imgcache-files"
 INDEX = "imgcache-index"
 HISTORY = "imgcache-hist"
 VERIFY = "imgcache-verify"
-#: Formats log records and writes them to stderr (``logs``).
+#: Formats log records and writes them to stderr (``logwriter``).
 LOGGING = "imgcache-log"
 
 
