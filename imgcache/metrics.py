@@ -180,14 +180,14 @@ class _DroppedLogRecords(Collector):
 
     def describe(self) -> Iterator[CounterMetricFamily]:
         """The metric's name and help, for the registry's checks."""
-        yield _dropped_log_records(0)
+        yield _dropped_log_records_family(0)
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         """The count now."""
-        yield _dropped_log_records(dropped_log_records())
+        yield _dropped_log_records_family(dropped_log_records())
 
 
-def _dropped_log_records(count: int) -> CounterMetricFamily:
+def _dropped_log_records_family(count: int) -> CounterMetricFamily:
     return CounterMetricFamily(
         "imgcache_log_records_dropped", "Log records dropped because stderr took no more "
         "(journald fell behind) or writing to it failed; the log says how many once it "
