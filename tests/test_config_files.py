@@ -208,7 +208,7 @@ def run_promtool(*args: str) -> str:
 
 
 def test_promtool_accepts_the_rules() -> None:
-    assert "SUCCESS: 10 rules found" in run_promtool("check", "rules", str(RULES))
+    assert "SUCCESS: 11 rules found" in run_promtool("check", "rules", str(RULES))
 
 
 def test_promtool_parses_every_dashboard_expression(tmp_path: Path) -> None:
