@@ -80,9 +80,7 @@ class LogWriter:
             if self._stopped or len(self._records) >= MAX_QUEUED_RECORDS:
                 self._count_dropped(1)
                 return
-            if self._unreported:
-                self._records.append(self._unreported)
-                self._unreported = 0
+            self._queue_notice()
             self._records.append(record)
         if not self._queued.is_set():
             self._queued.set()
@@ -102,12 +100,17 @@ class LogWriter:
             if self._stopped:
                 return
             self._stopped = True
-            if self._unreported:
-                self._records.append(self._unreported)
-                self._unreported = 0
+            self._queue_notice()
             self._records.append(None)
         self._queued.set()
         self._thread.join(EXIT_FLUSH_SECONDS)
+
+    def _queue_notice(self) -> None:
+        """Queue the count of the records dropped since the last notice, if any; called
+        with ``_lock`` held."""
+        if self._unreported:
+            self._records.append(self._unreported)
+            self._unreported = 0
 
     def _count_dropped(self, count: int) -> None:
         with self._lock:
@@ -141,9 +144,7 @@ class LogWriter:
         """Wait for records, write a batch; False once the end mark is reached."""
         if not self._records and not self._last_write_failed:
             with self._lock:  # records were dropped, and none queued since: say so now
-                if self._unreported:
-                    self._records.append(self._unreported)
-                    self._unreported = 0
+                self._queue_notice()
         while not self._records:
             self._queued.wait()
             self._queued.clear()  # the deque is checked again after: no wake-up is lost
